@@ -1,0 +1,217 @@
+//! Development and small-deployment PKI for quip.
+//!
+//! `quipd serve` calls [`load_or_create`] on its certificate directory: the first start makes a
+//! certificate authority and a server certificate signed by it, later starts reuse them. Clients
+//! trust the CA certificate (`ca.pem`) and verify the server against it; nothing here or in the
+//! clients skips verification.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// File names inside the certificate directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const SERVER_CERT_FILE: &str = "server.pem";
+pub const SERVER_KEY_FILE: &str = "server.key";
+
+/// The names a development server certificate is valid for.
+pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid PEM file: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("making certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{dir}: holds only part of a PKI (missing {missing}); remove the directory's certificate files or restore the missing ones")]
+    Incomplete { dir: PathBuf, missing: String },
+}
+
+/// A server's certificate chain and private key, ready for rustls.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// Loads a certificate chain and key from PEM files.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, CertError> {
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| pem_error(cert, source))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| pem_error(key, source))?;
+        Ok(ServerIdentity { chain, key })
+    }
+}
+
+/// What [`load_or_create`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provenance {
+    Created,
+    Loaded,
+}
+
+/// Loads the CA and server certificate from `dir`, making them first if `dir` holds none.
+pub fn load_or_create(dir: &Path) -> Result<(ServerIdentity, Provenance), CertError> {
+    let files = [CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE];
+    let missing: Vec<&str> = files
+        .iter()
+        .copied()
+        .filter(|name| !dir.join(name).exists())
+        .collect();
+    let provenance = match missing.len() {
+        0 => Provenance::Loaded,
+        n if n == files.len() => {
+            create_dev_pki(dir, DEV_SERVER_NAMES)?;
+            Provenance::Created
+        }
+        _ => {
+            return Err(CertError::Incomplete {
+                dir: dir.to_owned(),
+                missing: missing.join(", "),
+            })
+        }
+    };
+    let identity =
+        ServerIdentity::from_pem_files(&dir.join(SERVER_CERT_FILE), &dir.join(SERVER_KEY_FILE))?;
+    Ok((identity, provenance))
+}
+
+/// Makes a CA and a server certificate for `server_names` (DNS names or IP addresses) in `dir`.
+/// Private keys are written with mode 0600.
+pub fn create_dev_pki(dir: &Path, server_names: &[&str]) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.distinguished_name = name("quip development CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    let server_key = KeyPair::generate()?;
+    let names: Vec<String> = server_names.iter().map(|s| s.to_string()).collect();
+    let mut server_params = CertificateParams::new(names)?;
+    server_params.distinguished_name = name(server_names.first().copied().unwrap_or("quipd"));
+    server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server_params.use_authority_key_identifier_extension = true;
+    let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+    // Keys first, certificates last: a directory with all four files is always complete.
+    write_file(&dir.join(CA_KEY_FILE), &ca_key.serialize_pem(), true)?;
+    write_file(
+        &dir.join(SERVER_KEY_FILE),
+        &server_key.serialize_pem(),
+        true,
+    )?;
+    write_file(&dir.join(SERVER_CERT_FILE), &server_cert.pem(), false)?;
+    write_file(&dir.join(CA_CERT_FILE), &ca_cert.pem(), false)?;
+    Ok(())
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options.open(path).map_err(|e| io_error(path, e))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error(path, e))
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> CertError {
+    CertError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn pem_error(path: &Path, source: rustls_pki_types::pem::Error) -> CertError {
+    CertError::Pem {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reads the CA certificates a client should trust from a PEM file.
+pub fn load_ca_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| pem_error(path, source))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, rustls_pki_types::pem::Error::NoItemsFound));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_then_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let (first, provenance) = load_or_create(&certs).unwrap();
+        assert_eq!(provenance, Provenance::Created);
+        let (second, provenance) = load_or_create(&certs).unwrap();
+        assert_eq!(provenance, Provenance::Loaded);
+        assert_eq!(first.chain, second.chain);
+        assert_eq!(load_ca_certs(&certs.join(CA_CERT_FILE)).unwrap().len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_keys_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        create_dev_pki(dir.path(), DEV_SERVER_NAMES).unwrap();
+        for key in [CA_KEY_FILE, SERVER_KEY_FILE] {
+            let mode = fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+
+    #[test]
+    fn partial_directory_is_refused_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        create_dev_pki(dir.path(), DEV_SERVER_NAMES).unwrap();
+        fs::remove_file(dir.path().join(SERVER_KEY_FILE)).unwrap();
+        let err = load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains(SERVER_KEY_FILE), "{err}");
+    }
+}

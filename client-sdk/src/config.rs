@@ -1,0 +1,117 @@
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use crate::ClientError;
+
+/// How to reach and authenticate to a server.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port`; the host is also the name the server certificate must carry, unless
+    /// `server_name` says otherwise.
+    pub server: String,
+    pub server_name: Option<String>,
+    /// The certificate authorities that may sign the server's certificate. There is no way to
+    /// skip verification.
+    pub ca: Vec<CertificateDer<'static>>,
+    pub token: String,
+    /// Describes the client in the server's logs.
+    pub client_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(
+        server: impl Into<String>,
+        ca: Vec<CertificateDer<'static>>,
+        token: impl Into<String>,
+    ) -> Self {
+        ClientConfig {
+            server: server.into(),
+            server_name: None,
+            ca,
+            token: token.into(),
+            client_name: concat!("quip-client/", env!("CARGO_PKG_VERSION")).into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Like `new`, reading the CA certificates from a PEM file.
+    pub fn from_ca_file(
+        server: impl Into<String>,
+        ca_file: impl AsRef<Path>,
+        token: impl Into<String>,
+    ) -> Result<Self, ClientError> {
+        let path = ca_file.as_ref();
+        let ca = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::Config(format!("CA file {}: {e}", path.display())))?;
+        if ca.is_empty() {
+            return Err(ClientError::Config(format!(
+                "CA file {} holds no certificate",
+                path.display()
+            )));
+        }
+        Ok(Self::new(server, ca, token))
+    }
+
+    /// The host part of `server`, without brackets.
+    pub(crate) fn host(&self) -> &str {
+        if let Some(name) = &self.server_name {
+            return name;
+        }
+        let host = match self.server.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => &self.server,
+        };
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    pub(crate) fn quic_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &self.ca {
+            roots
+                .add(cert.clone())
+                .map_err(|e| ClientError::Config(format!("CA certificate unusable: {e}")))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::Config(format!("TLS config unusable for QUIC: {e}")))?;
+        let mut transport = quinn::TransportConfig::default();
+        // The server opens one stream per subscribed conversation.
+        transport.max_concurrent_uni_streams(4096u32.into());
+        transport.max_concurrent_bidi_streams(0u32.into());
+        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        transport.max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .map_err(|_| ClientError::Config("idle timeout".into()))?,
+        ));
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_taken_from_the_server_address() {
+        let host = |s: &str| ClientConfig::new(s, vec![], "t").host().to_owned();
+        assert_eq!(host("127.0.0.1:4433"), "127.0.0.1");
+        assert_eq!(host("[::1]:4433"), "::1");
+        assert_eq!(host("chat.example.com:4433"), "chat.example.com");
+    }
+}

@@ -1,0 +1,151 @@
+//! Administration: `quipd user ...` commands.
+//!
+//! sled lets one process open a store, so while the daemon runs these commands go through its
+//! admin socket (`DATA/admin.sock`, mode 0600, and only the daemon's own uid is served); when it
+//! does not run, the command opens the store itself. Either way the same code does the work.
+//! The socket speaks JSON lines: one request object, one response object.
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use quip_protocol::UserName;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::accounts::Accounts;
+use crate::server::{admin_socket, store_dir, Shared};
+use crate::store::{Store, StoreConfig};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    UserAdd { name: String },
+    UserList,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminResponse {
+    UserAdded { user: UserName, token: String },
+    Users { users: Vec<UserName> },
+    Error { message: String },
+}
+
+/// Longest admin request line accepted.
+const MAX_REQUEST_LINE: u64 = 64 * 1024;
+
+async fn execute(accounts: &Accounts, request: AdminRequest) -> AdminResponse {
+    let result = match request {
+        AdminRequest::UserAdd { name } => accounts
+            .add_user(&name)
+            .await
+            .map(|(user, token)| AdminResponse::UserAdded { user, token }),
+        AdminRequest::UserList => accounts.users().map(|users| AdminResponse::Users { users }),
+    };
+    result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
+}
+
+/// Binds the admin socket, replacing a stale one left by a daemon that did not exit cleanly
+/// (the store lock, taken first, guarantees no other daemon owns it).
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Serves admin requests, one connection at a time per task.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    let own_uid = Some(current_uid());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let peer_uid = stream.peer_cred().ok().map(|cred| cred.uid());
+        if peer_uid.is_none() || peer_uid != own_uid {
+            tracing::warn!(?peer_uid, "admin connection from another user refused");
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, &shared).await {
+                tracing::warn!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn current_uid() -> u32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // The uid that owns our own process directory is our uid.
+        std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
+    }
+    #[cfg(not(unix))]
+    {
+        u32::MAX
+    }
+}
+
+async fn serve_one(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST_LINE)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(request) => execute(&shared.accounts, request).await,
+            Err(e) => AdminResponse::Error {
+                message: format!("bad admin request: {e}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&response)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Runs an admin request against the data directory: through the running daemon if there is
+/// one, on the store directly if not.
+pub async fn run(data_dir: &Path, request: AdminRequest) -> anyhow::Result<AdminResponse> {
+    let socket = admin_socket(data_dir);
+    match UnixStream::connect(&socket).await {
+        Ok(stream) => ask_daemon(stream, &request).await,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            let store = Store::open(&StoreConfig {
+                path: store_dir(data_dir),
+                cache_bytes: 16 * 1024 * 1024,
+            })?;
+            Ok(execute(&Accounts::new(store), request).await)
+        }
+        Err(e) => Err(e).with_context(|| format!("connecting to {}", socket.display())),
+    }
+}
+
+async fn ask_daemon(stream: UnixStream, request: &AdminRequest) -> anyhow::Result<AdminResponse> {
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut lines = BufReader::new(read).lines();
+    let answer = lines
+        .next_line()
+        .await?
+        .context("the daemon closed the admin socket without answering")?;
+    Ok(serde_json::from_str(&answer)?)
+}

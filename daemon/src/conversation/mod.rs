@@ -1,0 +1,232 @@
+//! Conversations: one actor per active conversation owns its sequencer, and the registry finds
+//! or starts that actor.
+//!
+//! This is the narrow interface the connection layer sees ([`Conversations`] and
+//! [`ConversationHandle`]); placing sequencers on other machines later changes what is behind
+//! it, not the callers.
+
+mod actor;
+pub mod sequencer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use quip_protocol::{ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, Seq, UserName};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::store::{ConversationRecord, Store, StoreError};
+pub use actor::now_ms;
+use sequencer::Sequencer;
+
+/// Commands waiting for a conversation's actor. Senders wait when it is full: backpressure
+/// reaches the connection that sends too fast, never the sequencer.
+const MAILBOX: usize = 1024;
+/// Durable events kept for live delivery. A subscriber further behind than this catches up from
+/// the store instead (the sequencer never waits for it).
+pub const LIVE_BUFFER: usize = 1024;
+
+/// A successful send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub seq: Seq,
+    pub at_ms: u64,
+    pub duplicate: bool,
+}
+
+/// The start of a live subscription: events after `head` arrive on `live`; those up to `head`
+/// are in the store.
+#[derive(Debug)]
+pub struct Subscription {
+    pub live: broadcast::Receiver<Arc<Event>>,
+    pub head: Seq,
+}
+
+/// A member's view of a conversation: its state and its last durable seq.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub record: ConversationRecord,
+    pub head: Seq,
+}
+
+#[derive(Debug)]
+enum Command {
+    Send {
+        sender: UserName,
+        id: ClientMessageId,
+        text: String,
+        reply: oneshot::Sender<Result<Sent, ErrorBody>>,
+    },
+    AddMember {
+        by: UserName,
+        user: UserName,
+        reply: oneshot::Sender<Result<Seq, ErrorBody>>,
+    },
+    RemoveMember {
+        by: UserName,
+        user: UserName,
+        reply: oneshot::Sender<Result<Seq, ErrorBody>>,
+    },
+    Subscribe {
+        user: UserName,
+        reply: oneshot::Sender<Result<Subscription, ErrorBody>>,
+    },
+    View {
+        user: UserName,
+        reply: oneshot::Sender<Result<View, ErrorBody>>,
+    },
+}
+
+/// The handle to one conversation's actor.
+#[derive(Clone, Debug)]
+pub struct ConversationHandle {
+    conv: ConversationId,
+    commands: mpsc::Sender<Command>,
+}
+
+/// A reply that will come once the actor has answered (for a send: once it is durable).
+pub type Pending<T> = oneshot::Receiver<Result<T, ErrorBody>>;
+
+fn gone() -> ErrorBody {
+    ErrorBody::new(ErrorCode::UNAVAILABLE, "conversation is shutting down")
+}
+
+/// Turns a pending reply into its result.
+pub async fn answer<T>(pending: Pending<T>) -> Result<T, ErrorBody> {
+    pending.await.unwrap_or_else(|_| Err(gone()))
+}
+
+impl ConversationHandle {
+    pub fn conv(&self) -> ConversationId {
+        self.conv
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ErrorBody>>) -> Command,
+    ) -> Pending<T> {
+        let (reply, rx) = oneshot::channel();
+        // If the actor is gone the reply sender is dropped with the command, and `answer`
+        // reports it.
+        let _ = self.commands.send(make(reply)).await;
+        rx
+    }
+
+    /// Queues a send. Sends queued by one caller are sequenced in the order queued; the returned
+    /// reply resolves once the message is durable.
+    pub async fn send(&self, sender: UserName, id: ClientMessageId, text: String) -> Pending<Sent> {
+        self.ask(|reply| Command::Send {
+            sender,
+            id,
+            text,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn add_member(&self, by: UserName, user: UserName) -> Pending<Seq> {
+        self.ask(|reply| Command::AddMember { by, user, reply })
+            .await
+    }
+
+    pub async fn remove_member(&self, by: UserName, user: UserName) -> Pending<Seq> {
+        self.ask(|reply| Command::RemoveMember { by, user, reply })
+            .await
+    }
+
+    pub async fn subscribe(&self, user: UserName) -> Result<Subscription, ErrorBody> {
+        answer(self.ask(|reply| Command::Subscribe { user, reply }).await).await
+    }
+
+    pub async fn view(&self, user: UserName) -> Result<View, ErrorBody> {
+        answer(self.ask(|reply| Command::View { user, reply }).await).await
+    }
+}
+
+/// Finds and starts conversation actors.
+#[derive(Debug)]
+pub struct Conversations {
+    store: Store,
+    // A short std lock: held for a map lookup (and, on a conversation's first use, two sled
+    // reads), never across an await.
+    actors: Mutex<HashMap<ConversationId, ConversationHandle>>,
+    last_id: AtomicU64,
+}
+
+impl Conversations {
+    pub fn new(store: Store) -> Result<Self, StoreError> {
+        let last_id = AtomicU64::new(store.max_conversation_id()?);
+        Ok(Conversations {
+            store,
+            actors: Mutex::new(HashMap::new()),
+            last_id,
+        })
+    }
+
+    /// The conversation's actor, started if needed; `None` if the conversation does not exist.
+    pub fn get(&self, conv: ConversationId) -> Result<Option<ConversationHandle>, StoreError> {
+        let mut actors = self.actors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = actors.get(&conv) {
+            if !handle.commands.is_closed() {
+                return Ok(Some(handle.clone()));
+            }
+        }
+        let Some(record) = self.store.conversation(conv)? else {
+            return Ok(None);
+        };
+        let head = self.store.head(conv)?;
+        let handle = self.start(Sequencer::load(conv, record, head), None);
+        actors.insert(conv, handle.clone());
+        Ok(Some(handle))
+    }
+
+    /// Creates a conversation of `creator` and `invited`; resolves once its `Created` event is
+    /// durable.
+    pub async fn create(
+        &self,
+        creator: UserName,
+        title: String,
+        invited: Vec<UserName>,
+    ) -> Result<(ConversationId, Seq), ErrorBody> {
+        for user in &invited {
+            let exists = self.store.user(user).map_err(store_error)?.is_some();
+            if !exists {
+                return Err(ErrorBody::new(
+                    ErrorCode::UNKNOWN_USER,
+                    format!("no user named {user}"),
+                ));
+            }
+        }
+        let conv = ConversationId(self.last_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let (sequencer, first) = Sequencer::create(conv, creator, title, invited, now_ms());
+        let (reply, rx) = oneshot::channel();
+        let handle = self.start(sequencer, Some((first, reply)));
+        self.actors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conv, handle);
+        let seq = answer(rx).await?;
+        Ok((conv, seq))
+    }
+
+    fn start(
+        &self,
+        sequencer: Sequencer,
+        first: Option<(sequencer::Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
+    ) -> ConversationHandle {
+        let conv = sequencer.conv();
+        let (commands, inbox) = mpsc::channel(MAILBOX);
+        actor::spawn(sequencer, self.store.clone(), inbox, first);
+        ConversationHandle { conv, commands }
+    }
+}
+
+/// How a store failure is told to a client: retry later, with the same message id.
+pub fn store_error(e: StoreError) -> ErrorBody {
+    tracing::error!(error = %e, "store failure");
+    ErrorBody {
+        code: ErrorCode::UNAVAILABLE,
+        message: "the server cannot store messages right now; retry later".into(),
+        retry_after_ms: Some(1000),
+    }
+}

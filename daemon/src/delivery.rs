@@ -1,0 +1,206 @@
+//! Delivery of one conversation to one session, on its own server-opened stream.
+//!
+//! The task holds a cursor, the last seq written to the stream, and writes each seq after it
+//! exactly once, in order. It first replays from the store up to the head it subscribed at, then
+//! follows the live feed. The live feed is a bounded ring that never waits for this task: if the
+//! task falls behind (the client reads slowly), it misses live events and fills the gap from the
+//! store before writing the next one, so a slow client costs the store a read, not the sequencer
+//! a wait or the daemon a growing queue.
+
+use std::sync::Arc;
+
+use quip_protocol::{
+    ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, Seq, UserName,
+};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::conversation::Subscription;
+use crate::store::{Store, StoreError};
+use crate::wire::push_frame;
+
+/// Events read from the store per replay page: bounds replay memory whatever the backlog.
+const REPLAY_PAGE: usize = 256;
+/// Bytes gathered before one stream write.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// What a delivery task needs.
+#[derive(Debug)]
+pub struct Delivery {
+    pub conv: ConversationId,
+    pub user: UserName,
+    pub epoch: Epoch,
+    pub store: Store,
+    pub subscription: Subscription,
+    /// The last seq the client holds.
+    pub after: Seq,
+    pub max_frame_len: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("stream closed by the client: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("opening the stream: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why the stream ended, for its `End` frame.
+enum Ended {
+    Removed,
+    Unsubscribed,
+    ConversationClosed,
+}
+
+impl Delivery {
+    /// Runs until the client unsubscribes (`stop`), the user is removed, or the stream fails.
+    pub async fn run(self, conn: quinn::Connection, stop: oneshot::Receiver<()>) {
+        let conv = self.conv;
+        if let Err(e) = self.deliver(conn, stop).await {
+            tracing::debug!(conv = conv.0, error = %e, "delivery stopped");
+        }
+    }
+
+    async fn deliver(
+        self,
+        conn: quinn::Connection,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<(), DeliveryError> {
+        let Subscription { mut live, head } = self.subscription;
+        let mut cursor = Cursor {
+            stream: conn.open_uni().await?,
+            out: Vec::with_capacity(WRITE_BATCH_BYTES),
+            at: self.after,
+            joined: head,
+            user: self.user,
+            conv: self.conv,
+            store: self.store,
+            max_frame_len: self.max_frame_len,
+        };
+        cursor.push(&DeliveryFrame::Start {
+            conv: self.conv,
+            epoch: self.epoch,
+        });
+        let mut ended = cursor.replay(head).await?;
+        while ended.is_none() {
+            cursor.flush().await?;
+            let next = tokio::select! {
+                _ = &mut stop => { ended = Some(Ended::Unsubscribed); break; }
+                next = live.recv() => next,
+            };
+            ended = match next {
+                Ok(event) => cursor.on_live(event, &mut live).await?,
+                // Missed events are read from the store when the next one arrives.
+                Err(broadcast::error::RecvError::Lagged(_)) => None,
+                Err(broadcast::error::RecvError::Closed) => Some(Ended::ConversationClosed),
+            };
+        }
+        let error = match ended {
+            Some(Ended::Removed) => ErrorBody::new(ErrorCode::NOT_FOUND, "you were removed"),
+            Some(Ended::ConversationClosed) => {
+                ErrorBody::new(ErrorCode::GOING_AWAY, "the server is shutting down")
+            }
+            _ => ErrorBody::new(ErrorCode::NOT_FOUND, "unsubscribed"),
+        };
+        cursor.push(&DeliveryFrame::End { error });
+        cursor.flush().await?;
+        let _ = cursor.stream.finish();
+        Ok(())
+    }
+}
+
+/// One delivery stream and its position.
+struct Cursor {
+    stream: quinn::SendStream,
+    /// Frames encoded but not yet written.
+    out: Vec<u8>,
+    /// The last seq encoded.
+    at: Seq,
+    /// The head when the subscription started: the user was a member then, so removals at or
+    /// before it are history, and a removal after it ends the stream.
+    joined: Seq,
+    user: UserName,
+    conv: ConversationId,
+    store: Store,
+    max_frame_len: u32,
+}
+
+impl Cursor {
+    fn push(&mut self, frame: &DeliveryFrame) {
+        push_frame(&mut self.out, frame, self.max_frame_len);
+    }
+
+    async fn flush(&mut self) -> Result<(), DeliveryError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Encodes `event` if it is the next one; says whether it ends delivery.
+    fn write(&mut self, event: &Event) -> Option<Ended> {
+        if event.seq <= self.at {
+            return None;
+        }
+        debug_assert_eq!(event.seq, self.at.next(), "delivery must not skip a seq");
+        self.push(&DeliveryFrame::Event(event.clone()));
+        self.at = event.seq;
+        match &event.body {
+            EventBody::MemberRemoved { user } if *user == self.user && event.seq > self.joined => {
+                Some(Ended::Removed)
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes every stored event after the cursor up to `until`, page by page.
+    async fn replay(&mut self, until: Seq) -> Result<Option<Ended>, DeliveryError> {
+        while self.at < until {
+            let want = (until.0 - self.at.0).min(REPLAY_PAGE as u64) as usize;
+            let page = self.store.events_after(self.conv, self.at, want)?;
+            if page.is_empty() {
+                return Err(StoreError::Corrupt(format!(
+                    "conversation {}: seq {} is durable but missing",
+                    self.conv,
+                    self.at.next()
+                ))
+                .into());
+            }
+            for event in &page {
+                if let Some(ended) = self.write(event) {
+                    return Ok(Some(ended));
+                }
+            }
+            self.flush().await?;
+        }
+        Ok(None)
+    }
+
+    /// Encodes a live event, after filling any gap before it from the store, and whatever
+    /// live events are already queued behind it.
+    async fn on_live(
+        &mut self,
+        mut event: Arc<Event>,
+        live: &mut broadcast::Receiver<Arc<Event>>,
+    ) -> Result<Option<Ended>, DeliveryError> {
+        loop {
+            if event.seq > self.at.next() {
+                if let Some(ended) = self.replay(Seq(event.seq.0 - 1)).await? {
+                    return Ok(Some(ended));
+                }
+            }
+            if let Some(ended) = self.write(&event) {
+                return Ok(Some(ended));
+            }
+            if self.out.len() >= WRITE_BATCH_BYTES {
+                return Ok(None);
+            }
+            match live.try_recv() {
+                Ok(next) => event = next,
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! quipd: the quip messaging daemon.
+//!
+//! Layers, from the network inwards: [`server`] accepts QUIC connections; [`session`] serves
+//! one connection (control stream, delivery streams via [`delivery`]); [`conversation`] runs
+//! one sequencer actor per conversation; [`store`] makes everything durable. [`accounts`] and
+//! [`admin`] manage users.
+
+pub mod accounts;
+pub mod admin;
+pub mod conversation;
+pub mod delivery;
+pub mod server;
+pub mod session;
+pub mod store;
+mod wire;
+
+pub use server::{Server, ServerConfig};

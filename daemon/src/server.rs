@@ -1,0 +1,159 @@
+//! The server: opens the store, loads or makes certificates, binds the QUIC endpoint and the
+//! admin socket, and accepts connections until told to shut down.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use quinn::crypto::rustls::QuicServerConfig;
+use tokio::sync::watch;
+
+use crate::accounts::Accounts;
+use crate::admin;
+use crate::conversation::Conversations;
+use crate::session::{self, Limits};
+use crate::store::{Store, StoreConfig};
+
+/// Everything a `quipd serve` needs to start.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen,
+            cache_bytes: 64 * 1024 * 1024,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The paths inside a data directory.
+pub fn store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("store")
+}
+pub fn certs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("certs")
+}
+pub fn admin_socket(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// State shared by every session.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Store,
+    pub accounts: Accounts,
+    pub conversations: Conversations,
+    pub limits: Limits,
+}
+
+/// A bound, not yet running server.
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    admin: tokio::net::UnixListener,
+    admin_path: PathBuf,
+}
+
+impl Server {
+    /// Opens everything; fails with a message naming what could not be opened.
+    pub async fn bind(config: &ServerConfig) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let store = Store::open(&StoreConfig {
+            path: store_dir(&config.data_dir),
+            cache_bytes: config.cache_bytes,
+        })?;
+        let certs = certs_dir(&config.data_dir);
+        let (identity, provenance) = quip_certs::load_or_create(&certs)?;
+        if provenance == quip_certs::Provenance::Created {
+            tracing::info!(ca = %certs.join(quip_certs::CA_CERT_FILE).display(), "created a development CA and server certificate");
+        }
+        let endpoint = quinn::Endpoint::server(quic_config(identity)?, config.listen)
+            .with_context(|| format!("binding UDP {}", config.listen))?;
+        let admin_path = admin_socket(&config.data_dir);
+        let admin = admin::bind(&admin_path)?;
+        let shared = Arc::new(Shared {
+            accounts: Accounts::new(store.clone()),
+            conversations: Conversations::new(store.clone())?,
+            store,
+            limits: config.limits.clone(),
+        });
+        Ok(Server {
+            endpoint,
+            shared,
+            admin,
+            admin_path,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then tells clients it is going away and returns once
+    /// they are closed (or after a bounded wait).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop, stopping) = watch::channel(false);
+        let admin = tokio::spawn(admin::serve(self.admin, self.shared.clone()));
+        let addr = self.endpoint.local_addr().ok();
+        tracing::info!(listen = ?addr, "quipd ready");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(session::serve(self.shared.clone(), incoming, stopping.clone()));
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+        admin.abort();
+        let _ = std::fs::remove_file(&self.admin_path);
+        // Sessions close their connections with GOING_AWAY; give the close frames time to go.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+fn quic_config(identity: quip_certs::ServerIdentity) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .context("loading the server certificate")?;
+    tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
+    // No 0-RTT: early data can be replayed, and a replayed send must never be accepted.
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+
+    let mut transport = quinn::TransportConfig::default();
+    // The client opens exactly one stream, the control stream; the server opens the others.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    // Explicit windows: a peer can make us buffer at most this much per stream and connection.
+    let max_frame = u64::from(quip_protocol::limits::MAX_FRAME_LEN);
+    transport.stream_receive_window(quinn::VarInt::from_u64(2 * max_frame)?);
+    transport.receive_window(quinn::VarInt::from_u64(4 * max_frame)?);
+    transport.send_window(8 * max_frame);
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    transport.datagram_receive_buffer_size(Some(64 * 1024));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}

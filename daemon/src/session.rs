@@ -1,0 +1,450 @@
+//! One client connection: authentication, then requests on the control stream and one delivery
+//! stream per subscribed conversation.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use quip_protocol::{
+    ClientFrame, ConversationId, ConversationSummary, ErrorBody, ErrorCode, Request, RequestId,
+    Response, Seq, ServerFrame, StartAt, UserName,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::conversation::{answer, store_error, ConversationHandle};
+use crate::delivery::Delivery;
+use crate::server::Shared;
+use crate::wire::{push_frame, FrameReader, ReadError};
+
+/// Requests of one connection awaiting their answer; past this the session stops reading.
+const MAX_PENDING_REQUESTS: usize = 1024;
+/// Frames queued for the control stream's writer.
+const OUTGOING_QUEUE: usize = 256;
+
+type Reply = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+
+/// Serves one incoming connection until it closes or the server shuts down.
+pub async fn serve(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    shutdown: watch::Receiver<bool>,
+) {
+    let remote = incoming.remote_address();
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "refused connection");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(shared.limits.handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    let (user, control) = match authenticate(&shared, &conn).await {
+        Ok(session) => session,
+        Err(error) => {
+            tracing::warn!(%remote, code = %error.code, "authentication failed: {}", error.message);
+            close(&conn, &error);
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", user = %user, %remote);
+    let _entered = span.enter();
+    tracing::info!("connected");
+    drop(_entered);
+    let session = Session {
+        shared,
+        conn: conn.clone(),
+        user,
+        subscriptions: HashMap::new(),
+        deliveries: JoinSet::new(),
+        handles: HashMap::new(),
+    };
+    let outcome =
+        tracing::Instrument::instrument(session.run(control, shutdown), span.clone()).await;
+    let _entered = span.enter();
+    match outcome {
+        Ok(()) => tracing::info!("disconnected"),
+        Err(error) => {
+            tracing::warn!(code = %error.code, "closing: {}", error.message);
+            close(&conn, &error);
+        }
+    }
+}
+
+/// Closes the connection with an error's code as the QUIC application error code.
+fn close(conn: &quinn::Connection, error: &ErrorBody) {
+    let reason = error.message.as_bytes();
+    conn.close(
+        quinn::VarInt::from(u32::from(error.code.0)),
+        &reason[..reason.len().min(256)],
+    );
+}
+
+/// Accepts the control stream, checks `Hello` and answers `Welcome`.
+async fn authenticate(
+    shared: &Shared,
+    conn: &quinn::Connection,
+) -> Result<(UserName, Control), ErrorBody> {
+    let first = async {
+        let (send, recv) = conn.accept_bi().await.map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::PROTOCOL_VIOLATION,
+                format!("no control stream: {e}"),
+            )
+        })?;
+        let mut reader = FrameReader::new(recv, shared.limits.max_frame_len);
+        let hello = reader.next::<ClientFrame>().await.map_err(read_error)?;
+        Ok::<_, ErrorBody>((send, reader, hello))
+    };
+    let (send, reader, hello) = tokio::time::timeout(shared.limits.auth_timeout, first)
+        .await
+        .map_err(|_| {
+            ErrorBody::new(ErrorCode::AUTH_TIMEOUT, "no Hello within the time allowed")
+        })??;
+    let token = match hello {
+        Some(ClientFrame::Hello { token, .. }) => token,
+        _ => {
+            return Err(ErrorBody::new(
+                ErrorCode::PROTOCOL_VIOLATION,
+                "the first frame must be Hello",
+            ))
+        }
+    };
+    let user = shared
+        .accounts
+        .authenticate(&token)
+        .map_err(store_error)?
+        .ok_or_else(|| ErrorBody::new(ErrorCode::UNAUTHENTICATED, "invalid token"))?;
+    let control = Control::start(send, reader, shared.limits.max_frame_len);
+    let welcome = ServerFrame::Welcome {
+        user: user.clone(),
+        epoch: shared.store.epoch(),
+        server: concat!("quipd/", env!("CARGO_PKG_VERSION")).into(),
+    };
+    control.send(welcome).await;
+    Ok((user, control))
+}
+
+fn read_error(e: ReadError) -> ErrorBody {
+    match e {
+        ReadError::Frame(e) => ErrorBody::new(e.code(), e.to_string()),
+        ReadError::Stream(e) => ErrorBody::new(ErrorCode::PROTOCOL_VIOLATION, e.to_string()),
+    }
+}
+
+/// The control stream: a reader, and a writer task that batches queued frames into few writes.
+struct Control {
+    reader: FrameReader,
+    outgoing: mpsc::Sender<ServerFrame>,
+}
+
+impl Control {
+    fn start(mut send: quinn::SendStream, reader: FrameReader, max_frame_len: u32) -> Self {
+        let (outgoing, mut queue) = mpsc::channel::<ServerFrame>(OUTGOING_QUEUE);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some(frame) = queue.recv().await {
+                push_frame(&mut buf, &frame, max_frame_len);
+                while buf.len() < 64 * 1024 {
+                    match queue.try_recv() {
+                        Ok(frame) => push_frame(&mut buf, &frame, max_frame_len),
+                        Err(_) => break,
+                    }
+                }
+                if send.write_all(&buf).await.is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+            let _ = send.finish();
+        });
+        Control { reader, outgoing }
+    }
+
+    async fn send(&self, frame: ServerFrame) {
+        // Fails only when the writer stopped because the stream is gone; the session ends too.
+        let _ = self.outgoing.send(frame).await;
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    user: UserName,
+    /// Per subscribed conversation, the signal that stops its delivery task.
+    subscriptions: HashMap<ConversationId, oneshot::Sender<()>>,
+    deliveries: JoinSet<()>,
+    /// Conversation actors this session has used.
+    handles: HashMap<ConversationId, ConversationHandle>,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut control: Control,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ErrorBody> {
+        let mut replies: FuturesUnordered<Reply> = FuturesUnordered::new();
+        let result = loop {
+            tokio::select! {
+                // Priorities: shutdown, then answers (they free memory), then new requests.
+                biased;
+                _ = stopped(&mut shutdown) => {
+                    break Err(ErrorBody::new(ErrorCode::GOING_AWAY, "server shutting down"));
+                }
+                Some(reply) = replies.next(), if !replies.is_empty() => control.send(reply).await,
+                _ = self.deliveries.join_next(), if !self.deliveries.is_empty() => {}
+                frame = control.reader.next::<ClientFrame>(), if replies.len() < MAX_PENDING_REQUESTS => {
+                    match frame {
+                        Ok(Some(ClientFrame::Request { id, request })) => {
+                            let reply = self.dispatch(id, request).await;
+                            replies.push(reply);
+                        }
+                        Ok(Some(ClientFrame::Hello { .. })) => break Err(ErrorBody::new(
+                            ErrorCode::PROTOCOL_VIOLATION,
+                            "Hello sent twice",
+                        )),
+                        Ok(None) => break Ok(()),
+                        Err(ReadError::Stream(_)) => break Ok(()),
+                        Err(e) => break Err(read_error(e)),
+                    }
+                }
+            }
+        };
+        if let Err(error) = &result {
+            control
+                .send(ServerFrame::Closing {
+                    error: error.clone(),
+                })
+                .await;
+        }
+        // Answers still owed are dropped with the connection; the client retries them.
+        self.deliveries.shutdown().await;
+        result
+    }
+
+    /// Starts a request. Everything that must happen in request order (queueing a send at its
+    /// conversation) happens before this returns; the returned future only awaits the answer.
+    async fn dispatch(&mut self, id: RequestId, request: Request) -> Reply {
+        if let Err(error) = request.validate() {
+            return ready(ServerFrame::Error { id, error });
+        }
+        let user = self.user.clone();
+        match request {
+            Request::CreateConversation { title, members } => {
+                let shared = self.shared.clone();
+                reply(id, async move {
+                    let (conv, seq) = shared.conversations.create(user, title, members).await?;
+                    Ok(Response::Created { conv, seq })
+                })
+            }
+            Request::Send {
+                conv,
+                id: msg_id,
+                text,
+            } => {
+                let handle = match self.handle(conv) {
+                    Ok(handle) => handle,
+                    Err(error) => return ready(ServerFrame::Error { id, error }),
+                };
+                let pending = handle.send(user, msg_id, text).await;
+                reply(id, async move {
+                    let sent = answer(pending).await?;
+                    Ok(Response::Sent {
+                        conv,
+                        seq: sent.seq,
+                        at_ms: sent.at_ms,
+                        duplicate: sent.duplicate,
+                    })
+                })
+            }
+            Request::AddMember { conv, user: added } => {
+                let handle = match self.handle(conv) {
+                    Ok(handle) => handle,
+                    Err(error) => return ready(ServerFrame::Error { id, error }),
+                };
+                let pending = handle.add_member(user, added).await;
+                reply(id, async move {
+                    let seq = answer(pending).await?;
+                    Ok(Response::MembershipChanged { conv, seq })
+                })
+            }
+            Request::RemoveMember {
+                conv,
+                user: removed,
+            } => {
+                let handle = match self.handle(conv) {
+                    Ok(handle) => handle,
+                    Err(error) => return ready(ServerFrame::Error { id, error }),
+                };
+                let pending = handle.remove_member(user, removed).await;
+                reply(id, async move {
+                    let seq = answer(pending).await?;
+                    Ok(Response::MembershipChanged { conv, seq })
+                })
+            }
+            Request::History {
+                conv,
+                before,
+                limit,
+            } => {
+                let handle = self.handle(conv);
+                let store = self.shared.store.clone();
+                reply(id, async move {
+                    let view = handle?.view(user).await?;
+                    // Only durable events are shown: cap the page at the durable head.
+                    let before = before.unwrap_or(Seq(u64::MAX)).min(view.head.next());
+                    let events = store
+                        .events_before(conv, before, limit as usize)
+                        .map_err(store_error)?;
+                    Ok(Response::History {
+                        conv,
+                        events,
+                        head: view.head,
+                    })
+                })
+            }
+            Request::Subscribe { conv, start } => self.subscribe(id, conv, start).await,
+            Request::Unsubscribe { conv } => {
+                if let Some(stop) = self.subscriptions.remove(&conv) {
+                    let _ = stop.send(());
+                }
+                ready(ServerFrame::Reply {
+                    id,
+                    response: Response::Unsubscribed { conv },
+                })
+            }
+            Request::ListConversations => {
+                let shared = self.shared.clone();
+                reply(id, async move {
+                    let convs = shared
+                        .store
+                        .user_conversations(&user)
+                        .map_err(store_error)?;
+                    let mut conversations = Vec::with_capacity(convs.len());
+                    for conv in convs {
+                        let Ok(Some(handle)) = shared.conversations.get(conv) else {
+                            continue;
+                        };
+                        // A removal may race the listing: skip what is no longer ours.
+                        if let Ok(view) = handle.view(user.clone()).await {
+                            conversations.push(ConversationSummary {
+                                conv,
+                                title: view.record.title,
+                                creator: view.record.creator,
+                                members: view.record.members.into_iter().collect(),
+                                head: view.head,
+                            });
+                        }
+                    }
+                    Ok(Response::Conversations { conversations })
+                })
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: RequestId, conv: ConversationId, start: StartAt) -> Reply {
+        let subscribed = async {
+            let subscription = self.handle(conv)?.subscribe(self.user.clone()).await?;
+            let epoch = self.shared.store.epoch();
+            let head = subscription.head;
+            let after = match start {
+                StartAt::Beginning => Seq::ZERO,
+                StartAt::Latest => head,
+                StartAt::After(position) if position.epoch == epoch && position.seq <= head => {
+                    position.seq
+                }
+                StartAt::After(_) => return Ok(Response::CursorReset { conv, epoch, head }),
+            };
+            if let Some(previous) = self.subscriptions.remove(&conv) {
+                let _ = previous.send(());
+            }
+            let (stop, stopped) = oneshot::channel();
+            self.subscriptions.insert(conv, stop);
+            let delivery = Delivery {
+                conv,
+                user: self.user.clone(),
+                epoch,
+                store: self.shared.store.clone(),
+                subscription,
+                after,
+                max_frame_len: self.shared.limits.max_frame_len,
+            };
+            self.deliveries
+                .spawn(delivery.run(self.conn.clone(), stopped));
+            Ok(Response::Subscribed { conv, head })
+        };
+        let frame = match subscribed.await {
+            Ok(response) => ServerFrame::Reply { id, response },
+            Err(error) => ServerFrame::Error { id, error },
+        };
+        ready(frame)
+    }
+
+    fn handle(&mut self, conv: ConversationId) -> Result<ConversationHandle, ErrorBody> {
+        if let Some(handle) = self.handles.get(&conv) {
+            return Ok(handle.clone());
+        }
+        let handle = self
+            .shared
+            .conversations
+            .get(conv)
+            .map_err(store_error)?
+            .ok_or_else(ErrorBody::not_found)?;
+        self.handles.insert(conv, handle.clone());
+        Ok(handle)
+    }
+}
+
+/// Resolves once the server starts shutting down.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+fn ready(frame: ServerFrame) -> Reply {
+    Box::pin(std::future::ready(frame))
+}
+
+fn reply(
+    id: RequestId,
+    answer: impl Future<Output = Result<Response, ErrorBody>> + Send + 'static,
+) -> Reply {
+    Box::pin(async move {
+        match answer.await {
+            Ok(response) => ServerFrame::Reply { id, response },
+            Err(error) => ServerFrame::Error { id, error },
+        }
+    })
+}
+
+/// Connection-level timeouts and sizes.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    /// Time allowed between the handshake and a valid `Hello`.
+    pub auth_timeout: Duration,
+    pub max_frame_len: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(10),
+            max_frame_len: quip_protocol::limits::MAX_FRAME_LEN,
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The key layout. Every record lives in one sled tree, `quip`, so that one group commit is one
+//! atomic sled batch across all of them; the first key byte names the table. Integers are
+//! fixed-width big-endian, so sled's byte order is numeric order (a conversation's events scan
+//! in seq order).
+//!
+//! | table                | key                                              | value                |
+//! |----------------------|--------------------------------------------------|----------------------|
+//! | `meta`               | `0x00` name                                      | per entry            |
+//! | `convseq_event`      | `0x01` conv:u64 seq:u64                          | `StoredEvent`        |
+//! | `convmsgid_seq`      | `0x02` conv:u64 msgid:[16] sender                | seq:u64              |
+//! | `conv_state`         | `0x03` conv:u64                                  | `ConversationRecord` |
+//! | `userconv_member`    | `0x04` len:u8 user conv:u64                      | empty                |
+//! | `user_record`        | `0x05` user                                      | `UserRecord`         |
+//! | `tokenhash_user`     | `0x06` sha256(token):[32]                        | `TokenRecord`        |
+
+use quip_protocol::{ClientMessageId, ConversationId, Seq, UserName};
+
+pub const CONVSEQ_EVENT: u8 = 0x01;
+pub const CONVMSGID_SEQ: u8 = 0x02;
+pub const CONV_STATE: u8 = 0x03;
+pub const USERCONV_MEMBER: u8 = 0x04;
+pub const USER_RECORD: u8 = 0x05;
+pub const TOKENHASH_USER: u8 = 0x06;
+
+pub const META_EPOCH: &[u8] = b"\x00epoch";
+pub const META_SCHEMA: &[u8] = b"\x00schema";
+
+pub fn event(conv: ConversationId, seq: Seq) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = CONVSEQ_EVENT;
+    key[1..9].copy_from_slice(&conv.0.to_be_bytes());
+    key[9..].copy_from_slice(&seq.0.to_be_bytes());
+    key
+}
+
+/// The seq of an `event` key.
+pub fn event_seq(key: &[u8]) -> Option<Seq> {
+    let bytes: [u8; 8] = key.get(9..17)?.try_into().ok()?;
+    Some(Seq(u64::from_be_bytes(bytes)))
+}
+
+pub fn message_id(conv: ConversationId, id: ClientMessageId, sender: &UserName) -> Vec<u8> {
+    let mut key = Vec::with_capacity(25 + sender.as_str().len());
+    key.push(CONVMSGID_SEQ);
+    key.extend_from_slice(&conv.0.to_be_bytes());
+    key.extend_from_slice(&id.0);
+    key.extend_from_slice(sender.as_str().as_bytes());
+    key
+}
+
+pub fn conversation(conv: ConversationId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = CONV_STATE;
+    key[1..].copy_from_slice(&conv.0.to_be_bytes());
+    key
+}
+
+/// The conversation id of a `conversation` key.
+pub fn conversation_id(key: &[u8]) -> Option<ConversationId> {
+    let bytes: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    Some(ConversationId(u64::from_be_bytes(bytes)))
+}
+
+/// The prefix of a user's `userconv_member` keys: length-prefixed, so that no name is a prefix
+/// of another's keys.
+pub fn membership_prefix(user: &UserName) -> Vec<u8> {
+    let name = user.as_str().as_bytes();
+    let mut key = Vec::with_capacity(2 + name.len() + 8);
+    key.push(USERCONV_MEMBER);
+    key.push(name.len() as u8);
+    key.extend_from_slice(name);
+    key
+}
+
+pub fn membership(user: &UserName, conv: ConversationId) -> Vec<u8> {
+    let mut key = membership_prefix(user);
+    key.extend_from_slice(&conv.0.to_be_bytes());
+    key
+}
+
+pub fn user(user: &UserName) -> Vec<u8> {
+    let mut key = vec![USER_RECORD];
+    key.extend_from_slice(user.as_str().as_bytes());
+    key
+}
+
+pub fn token(hash: &[u8; 32]) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[0] = TOKENHASH_USER;
+    key[1..].copy_from_slice(hash);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_keys_sort_by_conversation_then_seq() {
+        let a = event(ConversationId(1), Seq(255));
+        let b = event(ConversationId(1), Seq(256));
+        let c = event(ConversationId(2), Seq(1));
+        assert!(a < b && b < c);
+        assert_eq!(event_seq(&b), Some(Seq(256)));
+    }
+
+    #[test]
+    fn membership_prefixes_do_not_overlap() {
+        let al: UserName = "al".parse().unwrap();
+        let alice: UserName = "alice".parse().unwrap();
+        assert!(!membership(&alice, ConversationId(1)).starts_with(&membership_prefix(&al)));
+    }
+}

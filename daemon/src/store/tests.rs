@@ -1,0 +1,130 @@
+use super::*;
+
+fn user(name: &str) -> UserName {
+    name.parse().unwrap()
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(&StoreConfig {
+        path: dir.to_owned(),
+        cache_bytes: 8 * 1024 * 1024,
+    })
+    .unwrap()
+}
+
+fn message(n: u64) -> StoredEvent {
+    StoredEvent {
+        sender: user("alice"),
+        at_ms: n,
+        body: EventBody::Message {
+            id: ClientMessageId([n as u8; 16]),
+            text: format!("message {n}"),
+        },
+    }
+}
+
+#[tokio::test]
+async fn committed_events_survive_reopen_with_the_same_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = ConversationId(1);
+    let epoch = {
+        let store = open(dir.path());
+        let mut batch = WriteBatch::new();
+        for n in 1..=300 {
+            batch.append_event(conv, Seq(n), &message(n));
+        }
+        store.commit(batch).await.unwrap();
+        store.epoch()
+    };
+    // The writer thread releases sled's lock once every handle is gone.
+    let store = loop {
+        match Store::open(&StoreConfig {
+            path: dir.path().to_owned(),
+            cache_bytes: 8 * 1024 * 1024,
+        }) {
+            Ok(store) => break store,
+            Err(StoreError::Locked(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(store.epoch(), epoch);
+    assert_eq!(store.head(conv).unwrap(), Seq(300));
+    let page = store.events_after(conv, Seq(255), 10).unwrap();
+    let seqs: Vec<u64> = page.iter().map(|e| e.seq.0).collect();
+    assert_eq!(seqs, (256..=265).collect::<Vec<_>>());
+    let page = store.events_before(conv, Seq(3), 10).unwrap();
+    assert_eq!(page.iter().map(|e| e.seq.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(store.head(ConversationId(2)).unwrap(), Seq::ZERO);
+}
+
+#[tokio::test]
+async fn a_second_process_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path());
+    let err = Store::open(&StoreConfig {
+        path: dir.path().to_owned(),
+        cache_bytes: 8 * 1024 * 1024,
+    })
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Locked(_)), "{err}");
+}
+
+#[tokio::test]
+async fn concurrent_commits_are_grouped_into_fewer_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let commits: Vec<_> = (1..=200u64)
+        .map(|n| {
+            let mut batch = WriteBatch::new();
+            batch.append_event(ConversationId(n), Seq(1), &message(n));
+            store.commit(batch)
+        })
+        .collect();
+    for commit in commits {
+        commit.await.unwrap();
+    }
+    let stats = store.writer_stats();
+    let flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+        200
+    );
+    assert!(
+        flushes < 200,
+        "200 concurrent commits took {flushes} flushes"
+    );
+    assert_eq!(
+        store.max_conversation_id().unwrap(),
+        0,
+        "no conversation records yet"
+    );
+}
+
+#[tokio::test]
+async fn memberships_and_message_ids_are_found_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let conv = ConversationId(7);
+    let mut batch = WriteBatch::new();
+    batch.add_membership(&user("al"), conv);
+    batch.add_membership(&user("alice"), ConversationId(9));
+    batch.remember_message_id(conv, ClientMessageId([1; 16]), &user("al"), Seq(4));
+    store.commit(batch).await.unwrap();
+    assert_eq!(store.user_conversations(&user("al")).unwrap(), vec![conv]);
+    assert_eq!(
+        store
+            .message_seq(conv, ClientMessageId([1; 16]), &user("al"))
+            .unwrap(),
+        Some(Seq(4))
+    );
+    assert_eq!(
+        store
+            .message_seq(conv, ClientMessageId([1; 16]), &user("alice"))
+            .unwrap(),
+        None
+    );
+    let mut batch = WriteBatch::new();
+    batch.remove_membership(&user("al"), conv);
+    store.commit(batch).await.unwrap();
+    assert!(store.user_conversations(&user("al")).unwrap().is_empty());
+}
