@@ -177,7 +177,8 @@ impl Store {
             .open()
             .map_err(|e| open_error(&config.path, e))?;
         let tree = db.open_tree("quip")?;
-        let mut durability = writer::Durability::open(&config.path)?;
+        let stats = std::sync::Arc::new(WriterStats::default());
+        let mut durability = writer::Durability::open(&config.path, stats.clone())?;
 
         let epoch = match tree.get(keys::META_EPOCH)? {
             Some(bytes) => Epoch(
@@ -205,7 +206,6 @@ impl Store {
         }
 
         let (commits, rx) = mpsc::unbounded_channel();
-        let stats = std::sync::Arc::new(WriterStats::default());
         writer::spawn(db, tree.clone(), durability, rx, stats.clone())?;
         Ok(Store {
             tree,

@@ -128,3 +128,22 @@ async fn memberships_and_message_ids_are_found_again() {
     store.commit(batch).await.unwrap();
     assert!(store.user_conversations(&user("al")).unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_commit_resolves_only_after_an_fdatasync() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let syncs = || {
+        store
+            .writer_stats()
+            .fdatasyncs
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    for n in 1..=3 {
+        let before = syncs();
+        let mut batch = WriteBatch::new();
+        batch.append_event(ConversationId(1), Seq(n), &message(n));
+        store.commit(batch).await.unwrap();
+        assert!(syncs() > before, "commit {n} resolved without an fdatasync");
+    }
+}

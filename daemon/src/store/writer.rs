@@ -35,18 +35,21 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     /// Time spent in apply + flush + fdatasync, in microseconds.
     pub flush_micros: AtomicU64,
+    /// fdatasync calls on sled's log file that succeeded.
+    pub fdatasyncs: AtomicU64,
 }
 
 /// fdatasync of the files sled writes.
 pub(super) struct Durability {
     db_file: File,
+    stats: Arc<WriterStats>,
     blobs_dir: PathBuf,
     /// Blob files are named by increasing log sequence number; those up to here are synced.
     synced_blob: u64,
 }
 
 impl Durability {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, stats: Arc<WriterStats>) -> Result<Self, StoreError> {
         let io = |what: &Path, e: std::io::Error| {
             StoreError::Io(format!("opening {} for fdatasync: {e}", what.display()))
         };
@@ -58,6 +61,7 @@ impl Durability {
             .map_err(|e| io(dir, e))?;
         let mut durability = Durability {
             db_file,
+            stats,
             blobs_dir: dir.join("blobs"),
             synced_blob: 0,
         };
@@ -69,6 +73,7 @@ impl Durability {
         self.db_file
             .sync_data()
             .map_err(|e| StoreError::Io(format!("fdatasync of sled's db file: {e}")))?;
+        self.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         self.sync_new_blobs()
             .map_err(|e| StoreError::Io(format!("fdatasync of sled's blob files: {e}")))
     }
