@@ -1,6 +1,8 @@
 //! Invariant 8: whatever a peer sends, the daemon answers with a documented error code or closes
 //! that peer, and keeps serving everyone else.
 
+#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
