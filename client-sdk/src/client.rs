@@ -1,20 +1,37 @@
+//! The client: one logical session that survives connection loss.
+//!
+//! A supervisor task owns the connection's life: it connects, and when the connection ends it
+//! reconnects with exponential backoff and full jitter, then resumes every followed conversation
+//! from its cursor and re-sends every unacknowledged message, in the original order, with its
+//! original id (the server answers a message it already stored with the original seq).
+//!
+//! State shared by the app-facing handle and the connection tasks lives in one `State` behind a
+//! short lock that is never held across an await. Queueing on the connection happens under that
+//! lock, so re-sends after a reconnect always precede new sends.
+
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use quip_protocol::{
     encode_frame, limits, ClientFrame, ClientMessageId, ConversationId, ConversationSummary,
-    DeliveryFrame, Epoch, ErrorBody, Event, FrameDecoder, Request, RequestId, Response, Seq,
-    ServerFrame, StartAt, UserName,
+    DeliveryFrame, Epoch, ErrorCode, Event, FrameDecoder, Position, Request, RequestId, Response,
+    Seq, ServerFrame, StartAt, UserName,
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::outbox::{is_permanent, Admit, Cursor, Outbox, OutboxEntry};
+use crate::persist::SavedState;
 use crate::subscription::{Delivered, Subscription};
 use crate::{ClientConfig, ClientError};
 
 /// Events buffered per subscription before the client stops reading its stream (and QUIC flow
 /// control slows the server's delivery to this client alone).
 const SUBSCRIPTION_BUFFER: usize = 1024;
+/// Coalescing delay of state-file writes.
+const PERSIST_DELAY: Duration = Duration::from_millis(20);
 
 /// An acknowledged send: the message is durable at `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,46 +44,86 @@ pub struct Sent {
     pub duplicate: bool,
 }
 
-type ReplySender = oneshot::Sender<Result<Response, ClientError>>;
-
-/// Requests awaiting their reply, and whether the connection is still up.
-#[derive(Default)]
-struct Pending {
-    replies: HashMap<RequestId, ReplySender>,
-    next_id: u64,
-    closed: Option<ClientError>,
-}
-
-type Routes = Arc<Mutex<HashMap<ConversationId, mpsc::Sender<Delivered>>>>;
-
-/// A connection to a quip server.
+/// A connection to a quip server that reconnects by itself. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
-struct Inner {
-    conn: quinn::Connection,
+struct Shared {
+    config: ClientConfig,
     endpoint: quinn::Endpoint,
     user: UserName,
-    epoch: Epoch,
-    outgoing: mpsc::UnboundedSender<(Request, Option<ReplySender>)>,
-    routes: Routes,
+    state: Mutex<State>,
+    /// Bumped on every change of `State::link`, for requests waiting for a connection.
+    link_changed: watch::Sender<u64>,
+    persist: Option<Arc<Notify>>,
+    connections: AtomicU64,
 }
 
-impl std::fmt::Debug for Inner {
+impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("user", &self.user)
-            .field("remote", &self.conn.remote_address())
-            .finish()
+            .field("server", &self.config.server)
+            .finish_non_exhaustive()
     }
 }
 
-impl Drop for Inner {
+impl Drop for Shared {
     fn drop(&mut self) {
-        self.conn.close(0u32.into(), b"client closed");
+        if let Link::Up(session) = &lock(&self.state).link {
+            session.conn.close(0u32.into(), b"client closed");
+        }
     }
+}
+
+struct State {
+    link: Link,
+    epoch: Epoch,
+    outbox: Outbox,
+    send_waiters: HashMap<u64, oneshot::Sender<Result<Sent, ClientError>>>,
+    follows: HashMap<ConversationId, Follow>,
+}
+
+enum Link {
+    Up(Arc<Session>),
+    /// Reconnecting; the last error.
+    Down(ClientError),
+    /// Given up for good (e.g. the token was revoked) or closed by the app.
+    Closed(ClientError),
+}
+
+/// One QUIC connection.
+struct Session {
+    conn: quinn::Connection,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// A followed conversation.
+struct Follow {
+    cursor: Cursor,
+    epoch: Epoch,
+    start: StartAt,
+    route: mpsc::Sender<Delivered>,
+    /// The delivery stream currently feeding it, once its `Start` arrived.
+    stream: Option<quinn::StreamId>,
+    /// The caller of `subscribe`, until the server first answers.
+    ready: Option<oneshot::Sender<Result<Seq, ClientError>>>,
+}
+
+struct Outgoing {
+    request: Request,
+    reply: ReplyTo,
+}
+
+/// Who gets a reply.
+enum ReplyTo {
+    Caller(oneshot::Sender<Result<Response, ClientError>>),
+    /// An outbox entry, by its place in the send order.
+    Send(u64),
+    Subscribe(ConversationId),
+    Nobody,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,107 +131,131 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Client {
-    /// Connects, verifies the server against the configured CA, and authenticates.
+    /// Connects, verifies the server against the configured CA, and authenticates. The first
+    /// connection must succeed; after that the client reconnects by itself.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let connect_error = |reason: String| ClientError::Connect {
-            server: config.server.clone(),
-            reason,
+        let saved = match &config.state_file {
+            Some(path) => Some(SavedState::load(path)?),
+            None => None,
         };
-        let addr = tokio::net::lookup_host(&config.server)
-            .await
-            .map_err(|e| connect_error(e.to_string()))?
-            .next()
-            .ok_or_else(|| connect_error("the name has no address".into()))?;
-        let bind: std::net::SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
-        endpoint.set_default_client_config(config.quic_config()?);
-        let connecting = endpoint
-            .connect(addr, config.host())
-            .map_err(|e| connect_error(e.to_string()))?;
-        let handshake = async {
-            let conn = connecting.await.map_err(|e| connection_error(&e))?;
-            let (mut send, recv) = conn.open_bi().await.map_err(|e| connection_error(&e))?;
-            let hello = ClientFrame::Hello {
-                token: config.token.clone(),
-                client: config.client_name.clone(),
-            };
-            write_frame(&mut send, &hello).await?;
-            let mut reader = FrameReader::new(recv);
-            let welcome = match reader.next::<ServerFrame>().await {
-                Ok(Some(frame)) => frame,
-                // A refused Hello closes the connection with the error code: report that.
-                Ok(None) | Err(_) => {
-                    let reason = conn.closed().await;
-                    return Err(connection_error(&reason));
-                }
-            };
-            Ok::<_, ClientError>((conn, send, reader, welcome))
-        };
-        let (conn, send, reader, welcome) = tokio::time::timeout(config.connect_timeout, handshake)
-            .await
-            .map_err(|_| connect_error("timed out".into()))?
-            .map_err(|e| match e {
-                ClientError::ConnectionLost(reason) => connect_error(reason),
-                other => other,
-            })?;
-        let (user, epoch) = match welcome {
-            ServerFrame::Welcome { user, epoch, .. } => (user, epoch),
-            ServerFrame::Closing { error } => return Err(ClientError::Server(error)),
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Welcome, got {other:?}"
-                )))
-            }
-        };
-
-        let pending = Arc::new(Mutex::new(Pending::default()));
-        let routes: Routes = Arc::default();
-        let (outgoing, requests) = mpsc::unbounded_channel();
-        tokio::spawn(write_requests(send, requests, pending.clone()));
-        tokio::spawn(read_replies(reader, pending, conn.clone()));
-        tokio::spawn(accept_deliveries(conn.clone(), routes.clone()));
-        Ok(Client {
-            inner: Arc::new(Inner {
-                conn,
-                endpoint,
-                user,
-                epoch,
-                outgoing,
-                routes,
+        let endpoint = new_endpoint(&config).await?;
+        let established = establish(&config, &endpoint).await?;
+        let (link_changed, _) = watch::channel(0);
+        let mut outbox = Outbox::default();
+        for entry in saved.iter().flat_map(|s| s.outbox.iter()) {
+            outbox.push(entry.clone());
+        }
+        let shared = Arc::new(Shared {
+            user: established.user.clone(),
+            config,
+            endpoint,
+            state: Mutex::new(State {
+                link: Link::Down(ClientError::ConnectionLost("connecting".into())),
+                epoch: established.epoch,
+                outbox,
+                send_waiters: HashMap::new(),
+                follows: HashMap::new(),
             }),
-        })
+            link_changed,
+            persist: saved.as_ref().map(|_| Arc::new(Notify::new())),
+            connections: AtomicU64::new(0),
+        });
+        if let Some(notify) = &shared.persist {
+            tokio::spawn(persist_loop(Arc::downgrade(&shared), notify.clone(), saved));
+        }
+        let conn = start_session(&shared, established);
+        tokio::spawn(supervise(Arc::downgrade(&shared), conn));
+        Ok(Client { shared })
     }
 
     /// The authenticated user.
     pub fn user(&self) -> &UserName {
-        &self.inner.user
+        &self.shared.user
     }
 
     /// The server store's epoch: cursors are valid within one epoch.
     pub fn epoch(&self) -> Epoch {
-        self.inner.epoch
+        lock(&self.shared.state).epoch
     }
 
-    /// Queues a request now and returns its answer's future.
-    fn request(
-        &self,
-        request: Request,
-    ) -> impl std::future::Future<Output = Result<Response, ClientError>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let queued = self.inner.outgoing.send((request, Some(reply)));
-        async move {
-            if queued.is_err() {
-                return Err(ClientError::ConnectionLost("client closed".into()));
-            }
-            answer
-                .await
-                .unwrap_or_else(|_| Err(ClientError::ConnectionLost("connection closed".into())))
+    /// How many times the client has connected (1 until the first reconnect).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// The cursor saved in the state file for `conv`, if any.
+    pub fn saved_position(&self, conv: ConversationId) -> Option<Position> {
+        let path = self.shared.config.state_file.as_ref()?;
+        SavedState::load(path).ok()?.cursors.get(&conv).copied()
+    }
+
+    /// Messages sent but not yet acknowledged, oldest first (for optimistic display).
+    pub fn pending_sends(&self) -> Vec<OutboxEntry> {
+        lock(&self.shared.state)
+            .outbox
+            .pending()
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Moves the connection to a new local UDP socket (as when the device changes network).
+    /// QUIC migrates the connection: no new handshake, no stream is lost.
+    pub fn rebind(&self) -> std::io::Result<std::net::SocketAddr> {
+        let local = self.shared.endpoint.local_addr()?;
+        let any: std::net::SocketAddr = if local.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = std::net::UdpSocket::bind(any)?;
+        self.shared.endpoint.rebind(socket)?;
+        self.shared.endpoint.local_addr()
+    }
+
+    /// The QUIC connection's id, stable for its life: unchanged by migration, new after a
+    /// reconnect.
+    pub fn connection_id(&self) -> Option<usize> {
+        match &lock(&self.shared.state).link {
+            Link::Up(session) => Some(session.conn.stable_id()),
+            _ => None,
         }
+    }
+
+    /// Queues a request on the current connection, waiting for one if the client is
+    /// reconnecting. A request in flight when the connection drops fails with `ConnectionLost`.
+    async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let mut changes = self.shared.link_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.shared.config.connect_timeout;
+        let mut outgoing = Some(Outgoing {
+            request,
+            reply: ReplyTo::Caller(reply),
+        });
+        loop {
+            {
+                let state = lock(&self.shared.state);
+                match &state.link {
+                    Link::Up(session) => {
+                        let _ = session.outgoing.send(outgoing.take().expect("sent once"));
+                        break;
+                    }
+                    Link::Closed(e) => return Err(e.clone()),
+                    Link::Down(_) => {}
+                }
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                let state = lock(&self.shared.state);
+                if let Link::Down(e) | Link::Closed(e) = &state.link {
+                    return Err(e.clone());
+                }
+            }
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(ClientError::ConnectionLost("connection closed".into())))
     }
 
     /// Creates a conversation with the caller and `members`; returns its id.
@@ -193,8 +274,7 @@ impl Client {
         }
     }
 
-    /// Sends a message with a fresh random id. The message is queued for the server when this
-    /// is called, not when the future is first polled, so calls keep their order.
+    /// Sends a message with a fresh random id. See [`Client::send_with_id`].
     pub fn send(
         &self,
         conv: ConversationId,
@@ -203,35 +283,47 @@ impl Client {
         self.send_with_id(conv, ClientMessageId(rand::random()), text)
     }
 
-    /// Sends a message with the caller's id. Retrying with the same id and text after an error
-    /// is safe: the server stores the message once and answers with the original seq.
+    /// Sends a message. It is queued when this is called, not when the future is first polled,
+    /// so calls keep their order. It stays in the outbox until acknowledged and is re-sent with
+    /// the same id after a reconnect; the future resolves with its seq once it is durable, or
+    /// with the server's reason when the server refuses it for good.
     pub fn send_with_id(
         &self,
         conv: ConversationId,
         id: ClientMessageId,
         text: impl Into<String>,
     ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
-        let answer = self.request(Request::Send {
+        let (waiter, answer) = oneshot::channel();
+        let entry = OutboxEntry {
             conv,
             id,
             text: text.into(),
-        });
-        async move {
-            match answer.await? {
-                Response::Sent {
+        };
+        {
+            let mut state = lock(&self.shared.state);
+            if let Link::Closed(e) = &state.link {
+                let _ = waiter.send(Err(e.clone()));
+            } else {
+                let request = Request::Send {
                     conv,
-                    seq,
-                    at_ms,
-                    duplicate,
-                } => Ok(Sent {
-                    conv,
-                    seq,
                     id,
-                    at_ms,
-                    duplicate,
-                }),
-                other => Err(unexpected(other)),
+                    text: entry.text.clone(),
+                };
+                let key = state.outbox.push(entry);
+                state.send_waiters.insert(key, waiter);
+                if let Link::Up(session) = &state.link {
+                    let _ = session.outgoing.send(Outgoing {
+                        request,
+                        reply: ReplyTo::Send(key),
+                    });
+                }
             }
+        }
+        self.shared.persist_soon();
+        async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err(ClientError::ConnectionLost("client closed".into())))
         }
     }
 
@@ -253,39 +345,88 @@ impl Client {
         }
     }
 
-    /// Follows a conversation from `start`: stored events first, then live ones.
-    /// One subscription per conversation per client; a second replaces the first.
+    /// Follows a conversation from `start`: stored events first, then live ones, each seq once
+    /// and in order, across reconnects. One subscription per conversation at a time.
     pub async fn subscribe(
         &self,
         conv: ConversationId,
         start: StartAt,
     ) -> Result<Subscription, ClientError> {
         let (route, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        lock(&self.inner.routes).insert(conv, route);
-        let answer = self.request(Request::Subscribe { conv, start }).await;
+        let (ready, subscribed) = oneshot::channel();
+        {
+            let mut state = lock(&self.shared.state);
+            if let Link::Closed(e) = &state.link {
+                return Err(e.clone());
+            }
+            if state.follows.contains_key(&conv) {
+                return Err(ClientError::Config(format!(
+                    "already subscribed to conversation {conv}"
+                )));
+            }
+            let (cursor, epoch) = match start {
+                StartAt::Beginning => (
+                    Cursor {
+                        at: Some(Seq::ZERO),
+                    },
+                    state.epoch,
+                ),
+                StartAt::After(position) => (
+                    Cursor {
+                        at: Some(position.seq),
+                    },
+                    position.epoch,
+                ),
+                StartAt::Latest => (Cursor::default(), state.epoch),
+            };
+            state.follows.insert(
+                conv,
+                Follow {
+                    cursor,
+                    epoch,
+                    start,
+                    route,
+                    stream: None,
+                    ready: Some(ready),
+                },
+            );
+            // Sent now if connected; otherwise the next connection subscribes every follow.
+            if let Link::Up(session) = &state.link {
+                let _ = session.outgoing.send(Outgoing {
+                    request: Request::Subscribe { conv, start },
+                    reply: ReplyTo::Subscribe(conv),
+                });
+            }
+        }
+        let answer = tokio::time::timeout(self.shared.config.connect_timeout, subscribed).await;
         let head = match answer {
-            Ok(Response::Subscribed { head, .. }) => head,
+            Ok(Ok(Ok(head))) => head,
             other => {
-                lock(&self.inner.routes).remove(&conv);
+                lock(&self.shared.state).follows.remove(&conv);
                 return Err(match other {
-                    Ok(Response::CursorReset { epoch, head, .. }) => {
-                        ClientError::CursorReset { epoch, head }
-                    }
-                    Ok(other) => unexpected(other),
-                    Err(e) => e,
+                    Ok(Ok(Err(e))) => e,
+                    _ => ClientError::ConnectionLost("no answer to the subscription".into()),
                 });
             }
         };
-        let outgoing = self.inner.outgoing.clone();
-        let routes = self.inner.routes.clone();
+        let shared = Arc::downgrade(&self.shared);
         Ok(Subscription {
             conv,
             head,
             events,
             finished: false,
             on_drop: Some(Box::new(move || {
-                lock(&routes).remove(&conv);
-                let _ = outgoing.send((Request::Unsubscribe { conv }, None));
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let mut state = lock(&shared.state);
+                state.follows.remove(&conv);
+                if let Link::Up(session) = &state.link {
+                    let _ = session.outgoing.send(Outgoing {
+                        request: Request::Unsubscribe { conv },
+                        reply: ReplyTo::Nobody,
+                    });
+                }
             })),
         })
     }
@@ -322,10 +463,384 @@ impl Client {
         }
     }
 
-    /// Closes the connection and waits until the server has been told.
+    /// Stops reconnecting, writes the state file, closes the connection and waits until the
+    /// server has been told.
     pub async fn close(self) {
-        self.inner.conn.close(0u32.into(), b"bye");
-        self.inner.endpoint.wait_idle().await;
+        let session = {
+            let mut state = lock(&self.shared.state);
+            let link = std::mem::replace(
+                &mut state.link,
+                Link::Closed(ClientError::ConnectionLost("client closed".into())),
+            );
+            match link {
+                Link::Up(session) => Some(session),
+                _ => None,
+            }
+        };
+        self.shared.link_changed.send_modify(|n| *n += 1);
+        if let Some(session) = session {
+            session.conn.close(0u32.into(), b"bye");
+        }
+        if let Some(path) = &self.shared.config.state_file {
+            if let Err(e) = self.shared.snapshot().save(path) {
+                tracing::warn!(error = %e, "could not write the state file");
+            }
+        }
+        self.shared.endpoint.wait_idle().await;
+    }
+}
+
+impl Shared {
+    fn persist_soon(&self) {
+        if let Some(notify) = &self.persist {
+            notify.notify_one();
+        }
+    }
+
+    fn snapshot(&self) -> SavedState {
+        let state = lock(&self.state);
+        SavedState {
+            cursors: state
+                .follows
+                .iter()
+                .filter_map(|(conv, follow)| {
+                    let seq = follow.cursor.at?;
+                    Some((
+                        *conv,
+                        Position {
+                            epoch: follow.epoch,
+                            seq,
+                        },
+                    ))
+                })
+                .collect(),
+            outbox: state.outbox.pending().map(|(_, e)| e.clone()).collect(),
+        }
+    }
+
+    /// Settles an outbox entry with the server's answer.
+    fn on_send_reply(&self, key: u64, result: Result<Response, ClientError>) {
+        let mut state = lock(&self.state);
+        let outcome = match result {
+            Ok(Response::Sent {
+                conv,
+                seq,
+                at_ms,
+                duplicate,
+            }) => {
+                let Some(entry) = state.outbox.remove(key) else {
+                    return;
+                };
+                Ok(Sent {
+                    conv,
+                    seq,
+                    id: entry.id,
+                    at_ms,
+                    duplicate,
+                })
+            }
+            Ok(other) => {
+                state.outbox.remove(key);
+                Err(unexpected(other))
+            }
+            Err(e) if is_permanent(&e) => {
+                state.outbox.remove(key);
+                Err(e)
+            }
+            Err(e) => {
+                // The server could not take it now: try again shortly on this connection (a
+                // reconnect re-sends it anyway).
+                let delay = match &e {
+                    ClientError::Server(body) => body.retry_after_ms.unwrap_or(500),
+                    _ => 500,
+                };
+                if let (Some(entry), Link::Up(session)) = (state.outbox.get(key), &state.link) {
+                    let outgoing = session.outgoing.clone();
+                    let request = Request::Send {
+                        conv: entry.conv,
+                        id: entry.id,
+                        text: entry.text.clone(),
+                    };
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+                        let _ = outgoing.send(Outgoing {
+                            request,
+                            reply: ReplyTo::Send(key),
+                        });
+                    });
+                }
+                return;
+            }
+        };
+        if let Some(waiter) = state.send_waiters.remove(&key) {
+            let _ = waiter.send(outcome);
+        }
+        drop(state);
+        self.persist_soon();
+    }
+
+    /// A subscription request was answered.
+    fn on_subscribe_reply(&self, conv: ConversationId, result: Result<Response, ClientError>) {
+        let mut state = lock(&self.state);
+        let epoch = state.epoch;
+        let Some(follow) = state.follows.get_mut(&conv) else {
+            return;
+        };
+        let ended = match result {
+            Ok(Response::Subscribed { head, .. }) => {
+                follow.epoch = epoch;
+                if follow.cursor.at.is_none() {
+                    follow.cursor.at = Some(head);
+                }
+                if let Some(ready) = follow.ready.take() {
+                    let _ = ready.send(Ok(head));
+                }
+                return;
+            }
+            Ok(Response::CursorReset { epoch, head, .. }) => {
+                ClientError::CursorReset { epoch, head }
+            }
+            Ok(other) => unexpected(other),
+            Err(e) if is_permanent(&e) => e,
+            // The connection is going: the next one subscribes again.
+            Err(_) => return,
+        };
+        if let Some(mut follow) = state.follows.remove(&conv) {
+            match follow.ready.take() {
+                Some(ready) => {
+                    let _ = ready.send(Err(ended));
+                }
+                None => {
+                    let _ = follow.route.try_send(Delivered::Lost(ended));
+                }
+            }
+        }
+    }
+}
+
+/// What a successful handshake yields.
+struct Established {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    user: UserName,
+    epoch: Epoch,
+}
+
+async fn new_endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+    let addr = resolve(config).await?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        server: config.server.clone(),
+        reason: e.to_string(),
+    })?;
+    endpoint.set_default_client_config(config.quic_config()?);
+    Ok(endpoint)
+}
+
+async fn resolve(config: &ClientConfig) -> Result<std::net::SocketAddr, ClientError> {
+    let connect_error = |reason: String| ClientError::Connect {
+        server: config.server.clone(),
+        reason,
+    };
+    tokio::net::lookup_host(&config.server)
+        .await
+        .map_err(|e| connect_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| connect_error("the name has no address".into()))
+}
+
+/// Connects and authenticates once.
+async fn establish(
+    config: &ClientConfig,
+    endpoint: &quinn::Endpoint,
+) -> Result<Established, ClientError> {
+    let connect_error = |reason: String| ClientError::Connect {
+        server: config.server.clone(),
+        reason,
+    };
+    let addr = resolve(config).await?;
+    let connecting = endpoint
+        .connect(addr, config.host())
+        .map_err(|e| connect_error(e.to_string()))?;
+    let handshake = async {
+        let conn = connecting.await.map_err(|e| connection_error(&e))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| connection_error(&e))?;
+        let hello = ClientFrame::Hello {
+            token: config.token.clone(),
+            client: config.client_name.clone(),
+        };
+        let bytes = encode_frame(&hello, limits::MAX_FRAME_LEN)
+            .map_err(|e| ClientError::Config(format!("token too long: {e}")))?;
+        send.write_all(&bytes)
+            .await
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+        let mut reader = FrameReader::new(recv);
+        let welcome = match reader.next::<ServerFrame>().await {
+            Ok(Some(frame)) => frame,
+            // A refused Hello closes the connection with the error code: report that.
+            Ok(None) | Err(_) => return Err(connection_error(&conn.closed().await)),
+        };
+        match welcome {
+            ServerFrame::Welcome { user, epoch, .. } => Ok(Established {
+                conn,
+                send,
+                reader,
+                user,
+                epoch,
+            }),
+            ServerFrame::Closing { error } => Err(ClientError::Server(error)),
+            other => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            ))),
+        }
+    };
+    tokio::time::timeout(config.connect_timeout, handshake)
+        .await
+        .map_err(|_| connect_error("timed out".into()))?
+        .map_err(|e| match e {
+            ClientError::ConnectionLost(reason) => connect_error(reason),
+            other => other,
+        })
+}
+
+/// Starts the tasks of a fresh connection, then resumes: every followed conversation from its
+/// cursor, then every unacknowledged send in order. Returns the connection to watch.
+fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Connection {
+    let Established {
+        conn,
+        send,
+        reader,
+        epoch,
+        ..
+    } = established;
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let (outgoing, requests) = mpsc::unbounded_channel();
+    tokio::spawn(write_requests(send, requests, pending.clone()));
+    tokio::spawn(read_replies(reader, pending, Arc::downgrade(shared)));
+    tokio::spawn(accept_deliveries(conn.clone(), Arc::downgrade(shared)));
+    {
+        let mut state = lock(&shared.state);
+        state.epoch = epoch;
+        for (conv, follow) in state.follows.iter_mut() {
+            follow.stream = None;
+            let start = match follow.cursor.at {
+                Some(seq) => StartAt::After(Position {
+                    epoch: follow.epoch,
+                    seq,
+                }),
+                None => follow.start,
+            };
+            let _ = outgoing.send(Outgoing {
+                request: Request::Subscribe { conv: *conv, start },
+                reply: ReplyTo::Subscribe(*conv),
+            });
+        }
+        for (key, entry) in state.outbox.pending() {
+            let _ = outgoing.send(Outgoing {
+                request: Request::Send {
+                    conv: entry.conv,
+                    id: entry.id,
+                    text: entry.text.clone(),
+                },
+                reply: ReplyTo::Send(key),
+            });
+        }
+        state.link = Link::Up(Arc::new(Session {
+            conn: conn.clone(),
+            outgoing,
+        }));
+    }
+    shared.link_changed.send_modify(|n| *n += 1);
+    conn
+}
+
+/// Keeps the client connected until it is closed or dropped.
+async fn supervise(shared: Weak<Shared>, mut conn: quinn::Connection) {
+    loop {
+        let reason = connection_error(&conn.closed().await);
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let config = strong.config.clone();
+        let endpoint = strong.endpoint.clone();
+        {
+            let mut state = lock(&strong.state);
+            if matches!(state.link, Link::Closed(_)) {
+                return;
+            }
+            state.link = Link::Down(reason.clone());
+        }
+        strong.link_changed.send_modify(|n| *n += 1);
+        drop(strong);
+        tracing::info!(reason = %reason, "connection lost; reconnecting");
+
+        let mut delay = config.reconnect_initial;
+        let established = loop {
+            let jittered = delay.mul_f64(rand::random::<f64>());
+            tokio::time::sleep(jittered).await;
+            if shared
+                .upgrade()
+                .is_none_or(|s| matches!(lock(&s.state).link, Link::Closed(_)))
+            {
+                return;
+            }
+            match establish(&config, &endpoint).await {
+                Ok(established) => break established,
+                Err(e) if gives_up(&e) => {
+                    if let Some(strong) = shared.upgrade() {
+                        strong.give_up(e);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, ?delay, "reconnect failed");
+                    delay = (delay * 2).min(config.reconnect_max);
+                }
+            }
+        };
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        conn = start_session(&strong, established);
+    }
+}
+
+/// Errors after which reconnecting cannot help.
+fn gives_up(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server(body) => (200..300).contains(&body.code.0),
+        ClientError::Config(_) => true,
+        _ => false,
+    }
+}
+
+impl Shared {
+    /// Fails everything waiting: the client will not reconnect.
+    fn give_up(&self, reason: ClientError) {
+        tracing::warn!(reason = %reason, "giving up reconnecting");
+        let mut state = lock(&self.state);
+        state.link = Link::Closed(reason.clone());
+        for (_, waiter) in state.send_waiters.drain() {
+            let _ = waiter.send(Err(reason.clone()));
+        }
+        for (_, mut follow) in state.follows.drain() {
+            match follow.ready.take() {
+                Some(ready) => {
+                    let _ = ready.send(Err(reason.clone()));
+                }
+                None => {
+                    let _ = follow.route.try_send(Delivered::Lost(reason.clone()));
+                }
+            }
+        }
+        drop(state);
+        self.link_changed.send_modify(|n| *n += 1);
     }
 }
 
@@ -337,8 +852,8 @@ fn connection_error(e: &quinn::ConnectionError) -> ClientError {
     match e {
         quinn::ConnectionError::ApplicationClosed(close) => {
             let code = u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX);
-            ClientError::Server(ErrorBody::new(
-                quip_protocol::ErrorCode(code),
+            ClientError::Server(quip_protocol::ErrorBody::new(
+                ErrorCode(code),
                 String::from_utf8_lossy(&close.reason).into_owned(),
             ))
         }
@@ -346,52 +861,38 @@ fn connection_error(e: &quinn::ConnectionError) -> ClientError {
     }
 }
 
-async fn write_frame(send: &mut quinn::SendStream, frame: &ClientFrame) -> Result<(), ClientError> {
-    let bytes = encode_frame(frame, limits::MAX_FRAME_LEN)
-        .map_err(|e| ClientError::Config(format!("request too large: {e}")))?;
-    send.write_all(&bytes)
-        .await
-        .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+/// Replies expected on one connection.
+#[derive(Default)]
+struct Pending {
+    replies: HashMap<RequestId, ReplyTo>,
+    next_id: u64,
 }
 
 /// Assigns request ids and writes requests in the order they were queued, batching what is
 /// queued together into one stream write.
 async fn write_requests(
     mut send: quinn::SendStream,
-    mut requests: mpsc::UnboundedReceiver<(Request, Option<ReplySender>)>,
+    mut requests: mpsc::UnboundedReceiver<Outgoing>,
     pending: Arc<Mutex<Pending>>,
 ) {
     let mut buf = Vec::new();
     while let Some(first) = requests.recv().await {
         let mut next = Some(first);
-        while let Some((request, reply)) = next.take() {
-            let frame = {
+        while let Some(Outgoing { request, reply }) = next.take() {
+            let id = {
                 let mut pending = lock(&pending);
-                if let Some(error) = &pending.closed {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                    None
-                } else {
-                    pending.next_id += 1;
-                    let id = RequestId(pending.next_id);
-                    if let Some(reply) = reply {
-                        pending.replies.insert(id, reply);
-                    }
-                    Some(ClientFrame::Request { id, request })
-                }
+                pending.next_id += 1;
+                let id = RequestId(pending.next_id);
+                pending.replies.insert(id, reply);
+                id
             };
-            if let Some(frame) = frame {
-                match encode_frame(&frame, limits::MAX_FRAME_LEN) {
-                    Ok(bytes) => buf.extend_from_slice(&bytes),
-                    Err(e) => {
-                        if let ClientFrame::Request { id, .. } = frame {
-                            if let Some(reply) = lock(&pending).replies.remove(&id) {
-                                let _ = reply.send(Err(ClientError::Config(format!(
-                                    "request too large: {e}"
-                                ))));
-                            }
-                        }
+            match encode_frame(&ClientFrame::Request { id, request }, limits::MAX_FRAME_LEN) {
+                Ok(bytes) => buf.extend_from_slice(&bytes),
+                Err(e) => {
+                    let reply = lock(&pending).replies.remove(&id);
+                    if let Some(ReplyTo::Caller(reply)) = reply {
+                        let _ =
+                            reply.send(Err(ClientError::Config(format!("request too large: {e}"))));
                     }
                 }
             }
@@ -407,12 +908,9 @@ async fn write_requests(
     let _ = send.finish();
 }
 
-/// Matches replies to requests. When the connection ends, every waiting request fails.
-async fn read_replies(
-    mut reader: FrameReader,
-    pending: Arc<Mutex<Pending>>,
-    conn: quinn::Connection,
-) {
+/// Matches replies to requests. When the connection ends, callers waiting for a reply fail;
+/// sends and subscriptions are resumed by the next connection.
+async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>, shared: Weak<Shared>) {
     let mut closing = None;
     let reason = loop {
         let frame = match reader.next::<ServerFrame>().await {
@@ -428,61 +926,132 @@ async fn read_replies(
                 continue;
             }
             ServerFrame::Welcome { .. } => {
-                break ClientError::Protocol("Welcome sent twice".into());
+                break ClientError::Protocol("Welcome sent twice".into())
             }
         };
-        if let Some(reply) = lock(&pending).replies.remove(&id) {
-            let _ = reply.send(result);
+        let reply = lock(&pending).replies.remove(&id);
+        match reply {
+            Some(ReplyTo::Caller(reply)) => {
+                let _ = reply.send(result);
+            }
+            Some(ReplyTo::Send(key)) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.on_send_reply(key, result);
+                }
+            }
+            Some(ReplyTo::Subscribe(conv)) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.on_subscribe_reply(conv, result);
+                }
+            }
+            Some(ReplyTo::Nobody) | None => {}
         }
     };
-    let reason = closing.unwrap_or(match conn.close_reason() {
-        Some(e) => connection_error(&e),
-        None => reason,
-    });
-    let mut pending = lock(&pending);
-    pending.closed = Some(reason.clone());
-    for (_, reply) in pending.replies.drain() {
-        let _ = reply.send(Err(reason.clone()));
+    let reason = closing.unwrap_or(reason);
+    let replies: Vec<ReplyTo> = lock(&pending).replies.drain().map(|(_, r)| r).collect();
+    for reply in replies {
+        if let ReplyTo::Caller(reply) = reply {
+            let _ = reply.send(Err(ClientError::ConnectionLost(reason.to_string())));
+        }
     }
 }
 
-/// Accepts the server's delivery streams and routes each to its subscription.
-async fn accept_deliveries(conn: quinn::Connection, routes: Routes) {
+/// Accepts the server's delivery streams and feeds each to its conversation's subscription.
+async fn accept_deliveries(conn: quinn::Connection, shared: Weak<Shared>) {
     while let Ok(stream) = conn.accept_uni().await {
-        tokio::spawn(read_delivery(FrameReader::new(stream), routes.clone()));
-    }
-    // Connection gone: end every subscription.
-    let reason = conn.close_reason().map_or_else(
-        || ClientError::ConnectionLost("closed".into()),
-        |e| connection_error(&e),
-    );
-    let routes: Vec<_> = lock(&routes).drain().map(|(_, route)| route).collect();
-    for route in routes {
-        let _ = route.send(Delivered::Lost(reason.clone())).await;
+        tokio::spawn(read_delivery(FrameReader::new(stream), shared.clone()));
     }
 }
 
-async fn read_delivery(mut reader: FrameReader, routes: Routes) {
+async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
+    let stream = reader.stream.id();
     let conv = match reader.next::<DeliveryFrame>().await {
         Ok(Some(DeliveryFrame::Start { conv, .. })) => conv,
         _ => return,
     };
-    let Some(route) = lock(&routes).get(&conv).cloned() else {
-        return;
-    };
-    loop {
-        let delivered = match reader.next::<DeliveryFrame>().await {
-            Ok(Some(DeliveryFrame::Event(event))) => Delivered::Event(event),
-            Ok(Some(DeliveryFrame::End { error })) => Delivered::End(error),
-            Ok(Some(DeliveryFrame::Start { .. })) => {
-                Delivered::Lost(ClientError::Protocol("Start sent twice on a stream".into()))
-            }
-            Ok(None) => return,
-            Err(e) => Delivered::Lost(e),
+    {
+        let Some(shared) = shared.upgrade() else {
+            return;
         };
-        let last = !matches!(delivered, Delivered::Event(_));
+        let mut state = lock(&shared.state);
+        match state.follows.get_mut(&conv) {
+            Some(follow) if follow.stream.is_none() => follow.stream = Some(stream),
+            // Not followed (any more), or a stale stream: ignore it.
+            _ => return,
+        }
+    }
+    loop {
+        let frame = reader.next::<DeliveryFrame>().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        // Decide under the lock, deliver outside it.
+        let (route, delivered, last) = {
+            let mut state = lock(&shared.state);
+            let Some(follow) = state
+                .follows
+                .get_mut(&conv)
+                .filter(|f| f.stream == Some(stream))
+            else {
+                return;
+            };
+            match frame {
+                Ok(Some(DeliveryFrame::Event(event))) => match follow.cursor.admit(event.seq) {
+                    Admit::Deliver => (follow.route.clone(), Delivered::Event(event), false),
+                    Admit::Duplicate => continue,
+                    Admit::Gap { expected } => (
+                        follow.route.clone(),
+                        Delivered::Lost(ClientError::Protocol(format!(
+                            "delivery skipped from seq {expected} to {}",
+                            event.seq
+                        ))),
+                        true,
+                    ),
+                },
+                Ok(Some(DeliveryFrame::End { error })) => {
+                    (follow.route.clone(), Delivered::End(error), true)
+                }
+                Ok(Some(DeliveryFrame::Start { .. })) => (
+                    follow.route.clone(),
+                    Delivered::Lost(ClientError::Protocol("Start sent twice".into())),
+                    true,
+                ),
+                // The connection broke: the next connection resumes this conversation.
+                Ok(None) | Err(_) => return,
+            }
+        };
+        if last {
+            lock(&shared.state).follows.remove(&conv);
+        }
+        shared.persist_soon();
+        drop(shared);
         if route.send(delivered).await.is_err() || last {
             return;
+        }
+    }
+}
+
+/// Writes the state file shortly after changes, coalescing bursts.
+async fn persist_loop(shared: Weak<Shared>, notify: Arc<Notify>, saved: Option<SavedState>) {
+    // Cursors of conversations not followed in this run are kept as they were.
+    let mut known = saved.unwrap_or_default();
+    loop {
+        notify.notified().await;
+        tokio::time::sleep(PERSIST_DELAY).await;
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let Some(path) = strong.config.state_file.clone() else {
+            return;
+        };
+        let now = strong.snapshot();
+        drop(strong);
+        known.cursors.extend(now.cursors);
+        known.outbox = now.outbox;
+        let state = known.clone();
+        let written = tokio::task::spawn_blocking(move || state.save(&path)).await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(error = %e, "could not write the state file");
         }
     }
 }

@@ -21,7 +21,16 @@ pub struct ClientConfig {
     pub token: String,
     /// Describes the client in the server's logs.
     pub client_name: String,
+    /// How long one connection attempt, and a request waiting for a connection, may take.
     pub connect_timeout: Duration,
+    /// A connection silent for this long is dead (keep-alives are sent at a third of it).
+    pub idle_timeout: Duration,
+    /// First delay before reconnecting; it doubles per failed attempt, with full jitter.
+    pub reconnect_initial: Duration,
+    /// Longest delay between reconnect attempts.
+    pub reconnect_max: Duration,
+    /// Where to keep cursors and unacknowledged sends across restarts of the app (JSON).
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl ClientConfig {
@@ -37,6 +46,10 @@ impl ClientConfig {
             token: token.into(),
             client_name: concat!("quip-client/", env!("CARGO_PKG_VERSION")).into(),
             connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            state_file: None,
         }
     }
 
@@ -91,11 +104,11 @@ impl ClientConfig {
         // The server opens one stream per subscribed conversation.
         transport.max_concurrent_uni_streams(4096u32.into());
         transport.max_concurrent_bidi_streams(0u32.into());
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        transport.keep_alive_interval(Some(self.idle_timeout / 3));
         transport.max_idle_timeout(Some(
-            Duration::from_secs(30)
+            self.idle_timeout
                 .try_into()
-                .map_err(|_| ClientError::Config("idle timeout".into()))?,
+                .map_err(|_| ClientError::Config("idle timeout out of range".into()))?,
         ));
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));

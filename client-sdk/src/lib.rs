@@ -11,18 +11,25 @@
 //! # Ok(()) }
 //! ```
 //!
-//! One [`Client`] is one QUIC connection. Requests may be issued concurrently from many tasks;
-//! sends are written to the server in the order [`Client::send`] is *called*, so a sender's
-//! messages keep their order even when their acks are awaited together.
+//! A [`Client`] keeps one QUIC connection and replaces it by itself when it is lost: it
+//! reconnects with backoff, resumes every subscription from the last seq it handed to the app,
+//! and re-sends every unacknowledged message with its original id, so the app sees no gap and no
+//! duplicate. Requests may be issued concurrently from many tasks; sends are written in the
+//! order [`Client::send`] is *called*, so a sender's messages keep their order even when their
+//! acks are awaited together, and across reconnects.
 
 mod client;
 mod config;
 mod error;
+mod outbox;
+mod persist;
 mod subscription;
 
 pub use client::{Client, Sent};
 pub use config::ClientConfig;
 pub use error::ClientError;
+pub use outbox::OutboxEntry;
+pub use persist::SavedState;
 pub use quip_protocol::{
     ClientMessageId, ConversationId, ConversationSummary, Epoch, ErrorBody, ErrorCode, Event,
     EventBody, Position, Seq, StartAt, UserName,

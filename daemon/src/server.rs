@@ -81,8 +81,17 @@ impl Server {
         if provenance == quip_certs::Provenance::Created {
             tracing::info!(ca = %certs.join(quip_certs::CA_CERT_FILE).display(), "created a development CA and server certificate");
         }
-        let endpoint = quinn::Endpoint::server(quic_config(identity)?, config.listen)
+        let endpoint_config = endpoint_config(&store.stateless_reset_key().await?);
+        let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding UDP {}", config.listen))?;
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(quic_config(identity)?),
+            socket,
+            runtime,
+        )
+        .with_context(|| format!("starting QUIC on {}", config.listen))?;
         let admin_path = admin_socket(&config.data_dir);
         let admin = admin::bind(&admin_path)?;
         let shared = Arc::new(Shared {
@@ -128,6 +137,29 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
         self.endpoint.close(0u32.into(), b"shutdown");
     }
+}
+
+/// QUIC endpoint settings that survive a restart: the stateless-reset key, and the key that
+/// signs connection ids. Together they let a restarted daemon recognise the connection ids of
+/// its previous life and answer them with a stateless reset, so clients reconnect at once
+/// instead of waiting for their idle timeout.
+fn endpoint_config(secret: &[u8; 32]) -> quinn::EndpointConfig {
+    use sha2::{Digest, Sha256};
+    let derive = |label: &[u8]| -> [u8; 32] {
+        Sha256::new()
+            .chain_update(label)
+            .chain_update(secret)
+            .finalize()
+            .into()
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive(b"quip stateless reset"));
+    let cid = derive(b"quip connection id");
+    let cid_key = u64::from_le_bytes(cid[..8].try_into().expect("8 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 fn quic_config(identity: quip_certs::ServerIdentity) -> anyhow::Result<quinn::ServerConfig> {

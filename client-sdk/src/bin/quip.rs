@@ -44,6 +44,10 @@ struct Connection {
     /// Bearer token (from `quipd user add`).
     #[arg(long, global = true, env = "QUIP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Keep cursors and unacknowledged sends in this file, so that a restarted `quip` resumes
+    /// where it stopped (`tail` without `--after` continues from the saved cursor).
+    #[arg(long, global = true, env = "QUIP_STATE")]
+    state: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,7 +77,8 @@ enum Command {
     /// Print events as they arrive.
     Tail {
         conv: ConversationId,
-        /// Start after this seq (stored events first); without it only new events.
+        /// Start after this seq (stored events first); without it, after the cursor saved in
+        /// the --state file, or else only new events.
         #[arg(long)]
         after: Option<u64>,
         /// Exit after this many events.
@@ -111,6 +116,13 @@ enum ConvCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Diagnostics only when asked for (RUST_LOG=info shows reconnects); stdout stays clean.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -126,7 +138,8 @@ async fn connect(conn: &Connection) -> Result<Client, ClientError> {
             "no token: pass --token or set QUIP_TOKEN (see `quipd user add`)".into(),
         )
     })?;
-    let config = ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, token)?;
+    let mut config = ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, token)?;
+    config.state_file = conn.state.clone();
     Client::connect(config).await
 }
 
@@ -188,12 +201,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             count,
             json,
         } => {
-            let start = match after {
-                Some(seq) => StartAt::After(Position {
+            let start = match (after, client.saved_position(conv)) {
+                (Some(seq), _) => StartAt::After(Position {
                     epoch: client.epoch(),
                     seq: Seq(seq),
                 }),
-                None => StartAt::Latest,
+                (None, Some(saved)) => StartAt::After(saved),
+                (None, None) => StartAt::Latest,
             };
             let mut subscription = client.subscribe(conv, start).await?;
             let mut printed = 0;

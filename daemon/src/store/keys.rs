@@ -24,6 +24,7 @@ pub const TOKENHASH_USER: u8 = 0x06;
 
 pub const META_EPOCH: &[u8] = b"\x00epoch";
 pub const META_SCHEMA: &[u8] = b"\x00schema";
+pub const META_RESET_KEY: &[u8] = b"\x00reset_key";
 
 pub fn event(conv: ConversationId, seq: Seq) -> [u8; 17] {
     let mut key = [0u8; 17];

@@ -219,6 +219,25 @@ impl Store {
         self.epoch
     }
 
+    /// The secret behind QUIC stateless resets, made once per store. Because it survives a
+    /// restart, a restarted daemon can tell clients of the previous process at once that their
+    /// connection is gone, instead of leaving them to wait for the idle timeout.
+    pub async fn stateless_reset_key(&self) -> Result<[u8; 32], StoreError> {
+        if let Some(key) = self.tree.get(keys::META_RESET_KEY)? {
+            return key
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("reset key is not 32 bytes".into()));
+        }
+        let key: [u8; 32] = rand::random();
+        let mut batch = WriteBatch::new();
+        batch
+            .ops
+            .push((keys::META_RESET_KEY.to_vec(), Some(key.to_vec())));
+        self.commit(batch).await?;
+        Ok(key)
+    }
+
     pub fn writer_stats(&self) -> &WriterStats {
         &self.stats
     }
