@@ -1,14 +1,17 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quip_protocol::{
-    encode_frame, limits, ClientFrame, ClientMessageId, ConversationId, ConversationSummary,
-    DeliveryFrame, Epoch, ErrorBody, Event, FrameDecoder, Request, RequestId, Response, Seq,
-    ServerFrame, StartAt, UserName,
+    encode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ClientMessageId,
+    ConversationId, ConversationSummary, DeliveryFrame, Epoch, ErrorBody, Event, FrameDecoder,
+    PresenceInfo, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::ephemeral::{self, EphemeralEvent, EphemeralEvents, PresenceVersions};
 use crate::subscription::{Delivered, Subscription};
 use crate::{ClientConfig, ClientError};
 
@@ -52,6 +55,11 @@ struct Inner {
     epoch: Epoch,
     outgoing: mpsc::UnboundedSender<(Request, Option<ReplySender>)>,
     routes: Routes,
+    ephemeral: broadcast::Sender<EphemeralEvent>,
+    presence_versions: PresenceVersions,
+    malformed_datagrams: Arc<AtomicU64>,
+    /// When `Typing` was last sent, per conversation: repeats are sent every `TYPING_REFRESH_MS`.
+    typing_sent: Mutex<HashMap<ConversationId, Instant>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -138,6 +146,15 @@ impl Client {
         tokio::spawn(write_requests(send, requests, pending.clone()));
         tokio::spawn(read_replies(reader, pending, conn.clone()));
         tokio::spawn(accept_deliveries(conn.clone(), routes.clone()));
+        let (ephemeral, _) = broadcast::channel(ephemeral::EPHEMERAL_BUFFER);
+        let presence_versions = PresenceVersions::default();
+        let malformed_datagrams = Arc::new(AtomicU64::new(0));
+        tokio::spawn(ephemeral::read_datagrams(
+            conn.clone(),
+            ephemeral.clone(),
+            presence_versions.clone(),
+            malformed_datagrams.clone(),
+        ));
         Ok(Client {
             inner: Arc::new(Inner {
                 conn,
@@ -146,6 +163,10 @@ impl Client {
                 epoch,
                 outgoing,
                 routes,
+                ephemeral,
+                presence_versions,
+                malformed_datagrams,
+                typing_sent: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -211,6 +232,9 @@ impl Client {
         id: ClientMessageId,
         text: impl Into<String>,
     ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        // The server ends this user's typing indicator when the message is sequenced; the next
+        // keystroke announces typing afresh.
+        lock(&self.inner.typing_sent).remove(&conv);
         let answer = self.request(Request::Send {
             conv,
             id,
@@ -320,6 +344,96 @@ impl Client {
             Response::Conversations { conversations } => Ok(conversations),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Announces that the user is typing in `conv`. Call it on every keystroke: a DATAGRAM goes
+    /// out at once the first time and then at most every `TYPING_REFRESH_MS` while calls keep
+    /// coming, which is what keeps the indicator alive at the receivers. Returns whether a
+    /// datagram was sent. Typing is best-effort: it may be lost, and the server drops it if the
+    /// user is not a member.
+    pub fn typing(&self, conv: ConversationId) -> Result<bool, ClientError> {
+        let now = Instant::now();
+        let refresh = Duration::from_millis(limits::TYPING_REFRESH_MS);
+        {
+            let mut sent = lock(&self.inner.typing_sent);
+            if let Some(last) = sent.get(&conv) {
+                if now.saturating_duration_since(*last) < refresh {
+                    return Ok(false);
+                }
+            }
+            sent.insert(conv, now);
+        }
+        self.send_datagram(&ClientDatagram::Typing { conv })?;
+        Ok(true)
+    }
+
+    /// Announces that the user stopped typing in `conv` (cleared the input, left the view).
+    /// Best-effort: if it is lost, receivers expire the indicator by its TTL.
+    pub fn stop_typing(&self, conv: ConversationId) -> Result<(), ClientError> {
+        lock(&self.inner.typing_sent).remove(&conv);
+        self.send_datagram(&ClientDatagram::StoppedTyping { conv })
+    }
+
+    fn send_datagram(&self, datagram: &ClientDatagram) -> Result<(), ClientError> {
+        let payload = encode_datagram(datagram)
+            .map_err(|e| ClientError::Protocol(format!("encoding a datagram: {e}")))?;
+        match self.inner.conn.max_datagram_size() {
+            Some(max) if payload.len() <= max => {}
+            Some(max) => {
+                return Err(ClientError::Protocol(format!(
+                    "datagram of {} bytes exceeds the connection's limit of {max}",
+                    payload.len()
+                )))
+            }
+            None => {
+                return Err(ClientError::Protocol(
+                    "the server does not accept datagrams".into(),
+                ))
+            }
+        }
+        self.inner
+            .conn
+            .send_datagram(payload.into())
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+    }
+
+    /// Typing and presence events from now on. Each call makes an independent listener.
+    pub fn ephemeral_events(&self) -> EphemeralEvents {
+        EphemeralEvents {
+            events: self.inner.ephemeral.subscribe(),
+            conn: self.inner.conn.clone(),
+        }
+    }
+
+    /// The presence of everyone who shares a conversation with the user, now, as one reliable
+    /// answer on the control stream. Ask right after connecting (datagrams may have been lost
+    /// before anyone listened), and every `PRESENCE_REFRESH_MS` while presence is shown.
+    /// Entries are in name order; one whose `version` is lower than that of a presence event
+    /// already applied is older than it.
+    pub async fn presence(&self) -> Result<Vec<PresenceInfo>, ClientError> {
+        match self.request(Request::Presence).await? {
+            Response::Presence { users } => {
+                for info in &users {
+                    ephemeral::newer(&self.inner.presence_versions, info);
+                }
+                Ok(users)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Marks this connection away (the app went to the background) or back. The user shows as
+    /// away while all of its connected devices are away.
+    pub async fn set_away(&self, away: bool) -> Result<(), ClientError> {
+        match self.request(Request::SetAway { away }).await? {
+            Response::AwaySet { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Datagrams from the server that could not be decoded and were dropped.
+    pub fn malformed_datagrams(&self) -> u64 {
+        self.inner.malformed_datagrams.load(Ordering::Relaxed)
     }
 
     /// Closes the connection and waits until the server has been told.
