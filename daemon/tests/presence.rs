@@ -262,9 +262,21 @@ async fn typing_reaches_members_within_100ms_and_never_a_non_member() {
         .is_none(),
         "a non-member never receives typing"
     );
+    // A malformed datagram (an unknown variant, as a newer client might send) is dropped and
+    // counted; the connection stays open.
+    let malformed = stat(&daemon.stats.malformed);
+    raw_carol
+        .send_datagram(bytes::Bytes::from_static(&[0x7f, 0x01]))
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while stat(&daemon.stats.malformed) == malformed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stat(&daemon.stats.malformed), malformed + 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         raw_carol.close_reason().is_none(),
-        "a non-member's typing is not a reason to close its connection"
+        "neither a non-member's typing nor a malformed datagram closes the connection"
     );
     assert!(carol.conversations().await.is_ok());
     daemon.stop().await;
