@@ -12,16 +12,17 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quip_protocol::{
-    encode_frame, limits, ClientFrame, ClientMessageId, ConversationId, ConversationSummary,
-    DeliveryFrame, Epoch, ErrorCode, Event, FrameDecoder, Position, Request, RequestId, Response,
-    Seq, ServerFrame, StartAt, UserName,
+    encode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ClientMessageId,
+    ConversationId, ConversationSummary, DeliveryFrame, Epoch, ErrorCode, Event, FrameDecoder,
+    Position, PresenceInfo, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 
+use crate::ephemeral::{self, EphemeralEvent, EphemeralEvents, PresenceVersions};
 use crate::outbox::{is_permanent, Admit, Cursor, Outbox, OutboxEntry};
 use crate::persist::SavedState;
 use crate::subscription::{Delivered, Subscription};
@@ -59,6 +60,11 @@ struct Shared {
     link_changed: watch::Sender<u64>,
     persist: Option<Arc<Notify>>,
     connections: AtomicU64,
+    ephemeral: broadcast::Sender<EphemeralEvent>,
+    presence_versions: PresenceVersions,
+    malformed_datagrams: Arc<AtomicU64>,
+    /// When `Typing` was last sent, per conversation: repeats are sent every `TYPING_REFRESH_MS`.
+    typing_sent: Mutex<HashMap<ConversationId, Instant>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -159,6 +165,10 @@ impl Client {
             link_changed,
             persist: saved.as_ref().map(|_| Arc::new(Notify::new())),
             connections: AtomicU64::new(0),
+            ephemeral: broadcast::channel(ephemeral::EPHEMERAL_BUFFER).0,
+            presence_versions: PresenceVersions::default(),
+            malformed_datagrams: Arc::new(AtomicU64::new(0)),
+            typing_sent: Mutex::new(HashMap::new()),
         });
         if let Some(notify) = &shared.persist {
             tokio::spawn(persist_loop(Arc::downgrade(&shared), notify.clone(), saved));
@@ -293,6 +303,9 @@ impl Client {
         id: ClientMessageId,
         text: impl Into<String>,
     ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        // The server ends this user's typing indicator when the message is sequenced; the next
+        // keystroke announces typing afresh.
+        lock(&self.shared.typing_sent).remove(&conv);
         let (waiter, answer) = oneshot::channel();
         let entry = OutboxEntry {
             conv,
@@ -461,6 +474,98 @@ impl Client {
             Response::Conversations { conversations } => Ok(conversations),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Announces that the user is typing in `conv`. Call it on every keystroke: a DATAGRAM goes
+    /// out at once the first time and then at most every `TYPING_REFRESH_MS` while calls keep
+    /// coming, which is what keeps the indicator alive at the receivers. Returns whether a
+    /// datagram was sent. Typing is best-effort: it may be lost, and the server drops it if the
+    /// user is not a member.
+    pub fn typing(&self, conv: ConversationId) -> Result<bool, ClientError> {
+        let now = Instant::now();
+        let refresh = Duration::from_millis(limits::TYPING_REFRESH_MS);
+        {
+            let mut sent = lock(&self.shared.typing_sent);
+            if let Some(last) = sent.get(&conv) {
+                if now.saturating_duration_since(*last) < refresh {
+                    return Ok(false);
+                }
+            }
+            sent.insert(conv, now);
+        }
+        self.send_datagram(&ClientDatagram::Typing { conv })?;
+        Ok(true)
+    }
+
+    /// Announces that the user stopped typing in `conv` (cleared the input, left the view).
+    /// Best-effort: if it is lost, receivers expire the indicator by its TTL.
+    pub fn stop_typing(&self, conv: ConversationId) -> Result<(), ClientError> {
+        lock(&self.shared.typing_sent).remove(&conv);
+        self.send_datagram(&ClientDatagram::StoppedTyping { conv })
+    }
+
+    fn send_datagram(&self, datagram: &ClientDatagram) -> Result<(), ClientError> {
+        let payload = encode_datagram(datagram)
+            .map_err(|e| ClientError::Protocol(format!("encoding a datagram: {e}")))?;
+        let conn = match &lock(&self.shared.state).link {
+            Link::Up(session) => session.conn.clone(),
+            Link::Down(e) | Link::Closed(e) => return Err(e.clone()),
+        };
+        match conn.max_datagram_size() {
+            Some(max) if payload.len() <= max => {}
+            Some(max) => {
+                return Err(ClientError::Protocol(format!(
+                    "datagram of {} bytes exceeds the connection's limit of {max}",
+                    payload.len()
+                )))
+            }
+            None => {
+                return Err(ClientError::Protocol(
+                    "the server does not accept datagrams".into(),
+                ))
+            }
+        }
+        conn.send_datagram(payload.into())
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+    }
+
+    /// Typing and presence events from now on, across reconnects. Each call makes an
+    /// independent listener.
+    pub fn ephemeral_events(&self) -> EphemeralEvents {
+        EphemeralEvents {
+            events: self.shared.ephemeral.subscribe(),
+        }
+    }
+
+    /// The presence of everyone who shares a conversation with the user, now, as one reliable
+    /// answer on the control stream. Ask right after connecting (datagrams may have been lost
+    /// before anyone listened), and every `PRESENCE_REFRESH_MS` while presence is shown.
+    /// Entries are in name order; one whose `version` is lower than that of a presence event
+    /// already applied is older than it.
+    pub async fn presence(&self) -> Result<Vec<PresenceInfo>, ClientError> {
+        match self.request(Request::Presence).await? {
+            Response::Presence { users } => {
+                for info in &users {
+                    ephemeral::newer(&self.shared.presence_versions, info);
+                }
+                Ok(users)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Marks this connection away (the app went to the background) or back. The user shows as
+    /// away while all of its connected devices are away.
+    pub async fn set_away(&self, away: bool) -> Result<(), ClientError> {
+        match self.request(Request::SetAway { away }).await? {
+            Response::AwaySet { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Datagrams from the server that could not be decoded and were dropped.
+    pub fn malformed_datagrams(&self) -> u64 {
+        self.shared.malformed_datagrams.load(Ordering::Relaxed)
     }
 
     /// Stops reconnecting, writes the state file, closes the connection and waits until the
@@ -724,6 +829,14 @@ fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Conne
     tokio::spawn(write_requests(send, requests, pending.clone()));
     tokio::spawn(read_replies(reader, pending, Arc::downgrade(shared)));
     tokio::spawn(accept_deliveries(conn.clone(), Arc::downgrade(shared)));
+    // Presence versions count within one daemon run; a new connection may reach a new run.
+    lock(&shared.presence_versions).clear();
+    tokio::spawn(ephemeral::read_datagrams(
+        conn.clone(),
+        shared.ephemeral.clone(),
+        shared.presence_versions.clone(),
+        shared.malformed_datagrams.clone(),
+    ));
     {
         let mut state = lock(&shared.state);
         state.epoch = epoch;

@@ -17,21 +17,30 @@
 //! duplicate. Requests may be issued concurrently from many tasks; sends are written in the
 //! order [`Client::send`] is *called*, so a sender's messages keep their order even when their
 //! acks are awaited together, and across reconnects.
+//!
+//! Typing and presence travel as QUIC DATAGRAMs and may be lost: [`Client::typing`] repeats
+//! while the user types, [`TypingTracker`] expires indicators by their TTL, and
+//! [`Client::presence`] asks for a reliable snapshot to start from.
 
 mod client;
 mod config;
+mod ephemeral;
 mod error;
 mod outbox;
 mod persist;
 mod subscription;
+mod typing;
 
 pub use client::{Client, Sent};
 pub use config::ClientConfig;
+pub use ephemeral::{EphemeralEvent, EphemeralEvents};
 pub use error::ClientError;
 pub use outbox::OutboxEntry;
 pub use persist::SavedState;
+pub use quip_protocol::limits;
 pub use quip_protocol::{
     ClientMessageId, ConversationId, ConversationSummary, Epoch, ErrorBody, ErrorCode, Event,
-    EventBody, Position, Seq, StartAt, UserName,
+    EventBody, Position, PresenceInfo, PresenceState, Seq, StartAt, UserName,
 };
 pub use subscription::Subscription;
+pub use typing::{TypingChange, TypingTracker};

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 
 use crate::accounts::Accounts;
 use crate::admin;
-use crate::conversation::Conversations;
+use crate::conversation::{Conversations, TypingRelay};
+use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::session::{self, Limits};
 use crate::store::{Store, StoreConfig};
 
@@ -55,6 +56,7 @@ pub struct Shared {
     pub store: Store,
     pub accounts: Accounts,
     pub conversations: Conversations,
+    pub presence: PresenceHandle,
     pub limits: Limits,
 }
 
@@ -94,9 +96,15 @@ impl Server {
         .with_context(|| format!("starting QUIC on {}", config.listen))?;
         let admin_path = admin_socket(&config.data_dir);
         let admin = admin::bind(&admin_path)?;
+        let presence = PresenceHandle::start(store.clone(), config.limits.ephemeral.clone());
+        let relay = TypingRelay {
+            presence: presence.clone(),
+            interval: config.limits.ephemeral.typing_relay_interval,
+        };
         let shared = Arc::new(Shared {
             accounts: Accounts::new(store.clone()),
-            conversations: Conversations::new(store.clone())?,
+            conversations: Conversations::new(store.clone(), relay)?,
+            presence,
             store,
             limits: config.limits.clone(),
         });
@@ -110,6 +118,11 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Counters of the ephemeral plane (datagrams received, dropped, sent).
+    pub fn ephemeral_stats(&self) -> Arc<EphemeralStats> {
+        self.shared.presence.stats().clone()
     }
 
     /// Serves until `shutdown` resolves, then tells clients it is going away and returns once
@@ -185,6 +198,10 @@ fn quic_config(identity: quip_certs::ServerIdentity) -> anyhow::Result<quinn::Se
     transport.send_window(8 * max_frame);
     transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
     transport.datagram_receive_buffer_size(Some(64 * 1024));
+    // quinn puts queued datagrams into a packet before stream data: a short send buffer (the
+    // oldest datagram is dropped when it is full) keeps typing from ever queueing ahead of
+    // messages for long.
+    transport.datagram_send_buffer_size(16 * 1024);
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     Ok(config)

@@ -1,22 +1,25 @@
-//! One client connection: authentication, then requests on the control stream and one delivery
-//! stream per subscribed conversation.
+//! One client connection: authentication, then requests on the control stream, one delivery
+//! stream per subscribed conversation, and typing DATAGRAMs (rate-limited, then handed to the
+//! conversation's actor, which checks membership and relays them).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use quip_protocol::{
-    ClientFrame, ConversationId, ConversationSummary, ErrorBody, ErrorCode, Request, RequestId,
-    Response, Seq, ServerFrame, StartAt, UserName,
+    decode_datagram, ClientDatagram, ClientFrame, ConversationId, ConversationSummary, ErrorBody,
+    ErrorCode, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::conversation::{answer, store_error, ConversationHandle};
 use crate::delivery::Delivery;
+use crate::presence::{self, DeviceId, EphemeralLimits, EphemeralStats};
+use crate::rate_limit::TokenBucket;
 use crate::server::Shared;
 use crate::wire::{push_frame, FrameReader, ReadError};
 
@@ -64,16 +67,27 @@ pub async fn serve(
     let _entered = span.enter();
     tracing::info!("connected");
     drop(_entered);
+    let presence = shared.presence.clone();
+    let device = presence.connect(user.clone(), conn.clone()).await;
+    let ephemeral = &shared.limits.ephemeral;
+    let datagrams = TokenBucket::new(
+        ephemeral.datagrams_in_per_sec,
+        ephemeral.datagrams_in_burst,
+        Instant::now(),
+    );
     let session = Session {
         shared,
         conn: conn.clone(),
         user,
+        device,
+        datagrams,
         subscriptions: HashMap::new(),
         deliveries: JoinSet::new(),
         handles: HashMap::new(),
     };
     let outcome =
         tracing::Instrument::instrument(session.run(control, shutdown), span.clone()).await;
+    presence.disconnect(device).await;
     let _entered = span.enter();
     match outcome {
         Ok(()) => tracing::info!("disconnected"),
@@ -184,6 +198,10 @@ struct Session {
     shared: Arc<Shared>,
     conn: quinn::Connection,
     user: UserName,
+    /// This connection, as the presence actor knows it.
+    device: DeviceId,
+    /// The incoming datagram rate limit.
+    datagrams: TokenBucket,
     /// Per subscribed conversation, the signal that stops its delivery task.
     subscriptions: HashMap<ConversationId, oneshot::Sender<()>>,
     deliveries: JoinSet<()>,
@@ -198,9 +216,11 @@ impl Session {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ErrorBody> {
         let mut replies: FuturesUnordered<Reply> = FuturesUnordered::new();
+        let mut datagrams_open = true;
         let result = loop {
             tokio::select! {
-                // Priorities: shutdown, then answers (they free memory), then new requests.
+                // Priorities: shutdown, then answers (they free memory), then new requests, then
+                // datagrams: typing is perishable and must never hold up a message.
                 biased;
                 _ = stopped(&mut shutdown) => {
                     break Err(ErrorBody::new(ErrorCode::GOING_AWAY, "server shutting down"));
@@ -222,6 +242,11 @@ impl Session {
                         Err(e) => break Err(read_error(e)),
                     }
                 }
+                datagram = self.conn.read_datagram(), if datagrams_open => match datagram {
+                    Ok(datagram) => self.on_datagram(&datagram),
+                    // The connection is closing; the control stream reports why.
+                    Err(_) => datagrams_open = false,
+                },
             }
         };
         if let Err(error) = &result {
@@ -353,6 +378,44 @@ impl Session {
                     Ok(Response::Conversations { conversations })
                 })
             }
+            Request::Presence => {
+                let shared = self.shared.clone();
+                reply(id, async move {
+                    let contacts = presence::contacts(&shared.store, &user).map_err(store_error)?;
+                    let users = shared.presence.snapshot(contacts).await;
+                    Ok(Response::Presence { users })
+                })
+            }
+            Request::SetAway { away } => {
+                let presence = self.shared.presence.clone();
+                let device = self.device;
+                reply(id, async move {
+                    presence.set_away(device, away).await;
+                    Ok(Response::AwaySet { away })
+                })
+            }
+        }
+    }
+
+    /// One datagram: dropped and counted if over the rate limit, malformed, or not a member's;
+    /// never an error that closes the connection (see `quip_protocol::ClientDatagram`).
+    fn on_datagram(&mut self, payload: &[u8]) {
+        let stats = self.shared.presence.stats().clone();
+        EphemeralStats::count(&stats.received);
+        if !self.datagrams.try_take(Instant::now()) {
+            return EphemeralStats::count(&stats.rate_limited_in);
+        }
+        let (conv, typing) = match decode_datagram::<ClientDatagram>(payload) {
+            Ok(ClientDatagram::Typing { conv }) => (conv, true),
+            Ok(ClientDatagram::StoppedTyping { conv }) => (conv, false),
+            Err(e) => {
+                tracing::debug!(error = %e, "dropping a malformed datagram");
+                return EphemeralStats::count(&stats.malformed);
+            }
+        };
+        match self.handle(conv) {
+            Ok(handle) => handle.typing(self.user.clone(), typing),
+            Err(_) => EphemeralStats::count(&stats.not_member),
         }
     }
 
@@ -437,6 +500,8 @@ pub struct Limits {
     /// Time allowed between the handshake and a valid `Hello`.
     pub auth_timeout: Duration,
     pub max_frame_len: u32,
+    /// Typing and presence: grace period, datagram rate limits.
+    pub ephemeral: EphemeralLimits,
 }
 
 impl Default for Limits {
@@ -445,6 +510,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             max_frame_len: quip_protocol::limits::MAX_FRAME_LEN,
+            ephemeral: EphemeralLimits::default(),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::datagrams::PresenceInfo;
 use crate::error::{ErrorBody, ErrorCode};
 use crate::ids::{ClientMessageId, ConversationId, Epoch, RequestId, Seq, UserName};
 use crate::limits;
@@ -71,6 +72,13 @@ pub enum Request {
     },
     /// The caller's conversations. Answered by `Response::Conversations`.
     ListConversations,
+    /// The presence of every user who shares a conversation with the caller, now. A client asks
+    /// once after connecting (datagrams may be lost; this answer is not) and then every
+    /// `PRESENCE_REFRESH_MS` while it shows presence. Answered by `Response::Presence`.
+    Presence,
+    /// Marks this connection away (the app went to the background) or back. The user is away
+    /// while every connected device is away. Answered by `Response::AwaySet`.
+    SetAway { away: bool },
 }
 
 /// Where a subscription starts.
@@ -160,6 +168,14 @@ pub enum Response {
         conv: ConversationId,
         epoch: Epoch,
         head: Seq,
+    },
+    /// The answer to `Request::Presence`: one line per contact, in name order.
+    Presence {
+        users: Vec<PresenceInfo>,
+    },
+    /// The answer to `Request::SetAway`.
+    AwaySet {
+        away: bool,
     },
 }
 
@@ -276,7 +292,9 @@ impl Request {
             }
             Request::Subscribe { .. }
             | Request::Unsubscribe { .. }
-            | Request::ListConversations => Ok(()),
+            | Request::ListConversations
+            | Request::Presence
+            | Request::SetAway { .. } => Ok(()),
         }
     }
 }

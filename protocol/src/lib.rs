@@ -1,19 +1,23 @@
 //! The quip wire protocol.
 //!
 //! Everything that crosses the wire is defined here: the frame types (serde + postcard), the
-//! length-prefixed framing, the numbered error codes and the limits. This crate does no IO: bytes
+//! length-prefixed framing, the datagram types of the ephemeral plane, the numbered error codes and the limits. This crate does no IO: bytes
 //! go in, values come out, so the daemon, the SDK and the fuzzers all share one implementation.
 //!
 //! postcard is not self-describing: the order of fields and the index of enum variants *are* the
 //! wire format. Append enum variants at the end only; any other change is a new protocol version
 //! with a new ALPN.
 
+mod datagrams;
 mod error;
 mod frames;
 mod framing;
 mod ids;
 pub mod limits;
 
+pub use datagrams::{
+    decode_datagram, encode_datagram, ClientDatagram, PresenceInfo, PresenceState, ServerDatagram,
+};
 pub use error::{ErrorBody, ErrorCode};
 pub use frames::{
     ClientFrame, ConversationSummary, DeliveryFrame, Event, EventBody, Position, Request, Response,

@@ -14,3 +14,17 @@ pub const MAX_HISTORY_LIMIT: u32 = 1000;
 pub const MAX_TOKEN_LEN: usize = 256;
 /// Longest client description in `Hello`; a longer one is cut, not refused.
 pub const MAX_CLIENT_NAME_LEN: usize = 128;
+
+/// Largest DATAGRAM payload either side sends or reads, in bytes. A longer one is dropped
+/// unread. Every datagram this version defines fits in well under this, and this in turn fits
+/// the smallest `max_datagram_size` QUIC allows a peer to leave us (a little over a kilobyte).
+pub const MAX_DATAGRAM_LEN: usize = 512;
+/// While the user keeps typing, a client repeats `ClientDatagram::Typing` this often.
+pub const TYPING_REFRESH_MS: u64 = 3_000;
+/// A receiver shows a typing indicator for this long after the last `Typing` datagram for it:
+/// two refresh periods, so one lost repeat does not make it flicker, and a lost
+/// `StoppedTyping` clears on its own.
+pub const TYPING_TTL_MS: u64 = 6_000;
+/// A client that shows presence asks for a fresh `Request::Presence` snapshot this often, so a
+/// lost presence datagram is corrected in bounded time.
+pub const PRESENCE_REFRESH_MS: u64 = 60_000;

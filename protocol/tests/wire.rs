@@ -28,7 +28,8 @@ use quip_protocol::limits::{
 use quip_protocol::{
     decode_exact, encode_frame, ClientFrame, ClientMessageId, ConversationId, ConversationSummary,
     DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, FrameDecoder, FrameError,
-    Position, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName, LENGTH_PREFIX_LEN,
+    Position, PresenceInfo, PresenceState, Request, RequestId, Response, Seq, ServerFrame, StartAt,
+    UserName, LENGTH_PREFIX_LEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -164,6 +165,8 @@ fn request() -> BoxedStrategy<Request> {
         (conversation_id(), user_name())
             .prop_map(|(conv, user)| Request::RemoveMember { conv, user }),
         Just(Request::ListConversations),
+        Just(Request::Presence),
+        any::<bool>().prop_map(|away| Request::SetAway { away }),
     ]
     .boxed()
 }
@@ -185,6 +188,27 @@ fn event() -> BoxedStrategy<Event> {
             sender,
             at_ms,
             body,
+        })
+        .boxed()
+}
+
+fn presence_info() -> BoxedStrategy<PresenceInfo> {
+    let state = prop_oneof![
+        Just(PresenceState::Offline),
+        Just(PresenceState::Online),
+        Just(PresenceState::Away),
+    ];
+    (
+        user_name(),
+        state,
+        proptest::option::of(varint_u64()),
+        varint_u64(),
+    )
+        .prop_map(|(user, state, last_seen_ms, version)| PresenceInfo {
+            user,
+            state,
+            last_seen_ms,
+            version,
         })
         .boxed()
 }
@@ -227,6 +251,8 @@ fn response() -> BoxedStrategy<Response> {
             epoch,
             head
         }),
+        vec(presence_info(), 0..3).prop_map(|users| Response::Presence { users }),
+        any::<bool>().prop_map(|away| Response::AwaySet { away }),
     ]
     .boxed()
 }
@@ -280,6 +306,8 @@ fn request_variant(v: &Request) -> usize {
         Request::AddMember { .. } => 5,
         Request::RemoveMember { .. } => 6,
         Request::ListConversations => 7,
+        Request::Presence => 8,
+        Request::SetAway { .. } => 9,
     }
 }
 
@@ -310,6 +338,8 @@ fn response_variant(v: &Response) -> usize {
         Response::MembershipChanged { .. } => 5,
         Response::Conversations { .. } => 6,
         Response::CursorReset { .. } => 7,
+        Response::Presence { .. } => 8,
+        Response::AwaySet { .. } => 9,
     }
 }
 
@@ -355,10 +385,10 @@ fn assert_covers_all_variants<T: Debug>(
 #[test]
 fn strategies_generate_every_variant() {
     assert_covers_all_variants("ClientFrame", client_frame(), client_frame_variant, 2);
-    assert_covers_all_variants("Request", request(), request_variant, 8);
+    assert_covers_all_variants("Request", request(), request_variant, 10);
     assert_covers_all_variants("StartAt", start_at(), start_at_variant, 3);
     assert_covers_all_variants("ServerFrame", server_frame(), server_frame_variant, 4);
-    assert_covers_all_variants("Response", response(), response_variant, 8);
+    assert_covers_all_variants("Response", response(), response_variant, 10);
     assert_covers_all_variants("DeliveryFrame", delivery_frame(), delivery_frame_variant, 3);
     assert_covers_all_variants("EventBody", event_body(), event_body_variant, 4);
 }
@@ -943,12 +973,12 @@ fn unknown_variant_index_is_malformed() {
     assert_rejected::<ServerFrame>(&[0x04], unknown_variant()); // one past Closing
     assert_rejected::<DeliveryFrame>(&[0x03], unknown_variant()); // one past End
     assert_rejected::<ClientFrame>(&[0xff, 0xff, 0xff, 0xff, 0x0f], unknown_variant()); // u32::MAX
-                                                                                        // Request 8 (one past ListConversations) inside ClientFrame::Request { id: 7 }.
-    assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x08], unknown_variant());
+                                                                                        // Request 10 (one past SetAway) inside ClientFrame::Request { id: 7 }.
+    assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x0a], unknown_variant());
     // Subscribe { conv: 1, start: StartAt 3 (one past Latest) }.
     assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x03, 0x01, 0x03], unknown_variant());
-    // Response 8 (one past CursorReset) inside ServerFrame::Reply { id: 7 }.
-    assert_rejected::<ServerFrame>(&[0x01, 0x07, 0x08], unknown_variant());
+    // Response 10 (one past AwaySet) inside ServerFrame::Reply { id: 7 }.
+    assert_rejected::<ServerFrame>(&[0x01, 0x07, 0x0a], unknown_variant());
     // DeliveryFrame::Event { seq 1, sender "a", at_ms 0, body: EventBody 4 (one past MemberRemoved) }.
     assert_rejected::<DeliveryFrame>(&[0x01, 0x01, 0x01, b'a', 0x00, 0x04], unknown_variant());
 }

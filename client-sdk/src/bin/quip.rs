@@ -4,11 +4,12 @@ use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use quip_client::{
-    Client, ClientConfig, ClientError, ConversationId, Event, EventBody, Position, Seq, StartAt,
-    UserName,
+    Client, ClientConfig, ClientError, ConversationId, EphemeralEvent, Event, EventBody, Position,
+    PresenceInfo, Seq, StartAt, Subscription, TypingChange, TypingTracker, UserName,
 };
 
 /// Sends in flight at once when piping stdin into `quip send`.
@@ -87,6 +88,18 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Also print typing in this conversation and the presence of your contacts, as JSON
+        /// lines: {"event":"typing"|"typing_stopped","conv":..,"user":..} and
+        /// {"event":"presence","user":..,"state":..,"last_seen_ms":..}.
+        #[arg(long)]
+        events: bool,
+    },
+    /// Tell the other members you are typing, for a few seconds.
+    Typing {
+        conv: ConversationId,
+        /// How long to keep announcing.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
 }
 
@@ -200,6 +213,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             after,
             count,
             json,
+            events,
         } => {
             let start = match (after, client.saved_position(conv)) {
                 (Some(seq), _) => StartAt::After(Position {
@@ -209,18 +223,44 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 (None, Some(saved)) => StartAt::After(saved),
                 (None, None) => StartAt::Latest,
             };
+            // Listening starts before subscribing, so no datagram falls in between.
+            let ephemeral = events.then(|| client.ephemeral_events());
             let mut subscription = client.subscribe(conv, start).await?;
-            let mut printed = 0;
-            while count.is_none_or(|n| printed < n) {
-                match subscription.next().await {
-                    Some(Ok(event)) => {
-                        print_event(&mut stdout, conv, &event, json)?;
-                        printed += 1;
+            match ephemeral {
+                Some(ephemeral) => {
+                    let tail = Tail {
+                        client: &client,
+                        conv,
+                        json,
+                        count,
+                    };
+                    tail.run(&mut subscription, ephemeral, &mut stdout).await?;
+                }
+                None => {
+                    let mut printed = 0;
+                    while count.is_none_or(|n| printed < n) {
+                        match subscription.next().await {
+                            Some(Ok(event)) => {
+                                print_event(&mut stdout, conv, &event, json)?;
+                                printed += 1;
+                            }
+                            Some(Err(e)) => return Err(e),
+                            None => break,
+                        }
                     }
-                    Some(Err(e)) => return Err(e),
-                    None => break,
                 }
             }
+        }
+        Command::Typing { conv, seconds } => {
+            let until = Instant::now() + Duration::from_secs(seconds);
+            while Instant::now() < until {
+                client.typing(conv)?;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            client.stop_typing(conv)?;
+            // Closing at once could discard the stop before it leaves (receivers would still
+            // expire the indicator by its TTL).
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     drop(stdout);
@@ -272,6 +312,118 @@ async fn send_lines(
         .await
         .map_err(join_error)?
         .map_err(|e| ClientError::Config(format!("reading stdin: {e}")))
+}
+
+/// `quip tail --events`: messages as usual, plus typing and presence as JSON lines.
+struct Tail<'a> {
+    client: &'a Client,
+    conv: ConversationId,
+    json: bool,
+    count: Option<u64>,
+}
+
+impl Tail<'_> {
+    async fn run(
+        &self,
+        subscription: &mut Subscription,
+        mut ephemeral: quip_client::EphemeralEvents,
+        stdout: &mut impl Write,
+    ) -> Result<(), ClientError> {
+        let mut typing = TypingTracker::new();
+        let mut presence = std::collections::HashMap::new();
+        // A snapshot first (datagrams may be lost), then again now and then to correct drift.
+        let refresh = Duration::from_millis(quip_client::limits::PRESENCE_REFRESH_MS);
+        let mut next_refresh = tokio::time::Instant::now();
+        let mut printed = 0;
+        while self.count.is_none_or(|n| printed < n) {
+            let expiry = typing.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                event = subscription.next() => match event {
+                    Some(Ok(event)) => {
+                        if let EventBody::Message { .. } = event.body {
+                            if let Some(change) = typing.handle_message(self.conv, &event.sender) {
+                                print_typing(stdout, &change)?;
+                            }
+                        }
+                        print_event(stdout, self.conv, &event, self.json)?;
+                        printed += 1;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                },
+                event = ephemeral.next() => match event {
+                    Some(EphemeralEvent::Presence(info)) => {
+                        print_presence(stdout, &info, &mut presence)?;
+                    }
+                    Some(event) => {
+                        let change = typing.handle_event(&event, Instant::now());
+                        if let Some(change) = change.filter(|c| typing_conv(c) == self.conv) {
+                            print_typing(stdout, &change)?;
+                        }
+                    }
+                    None => break,
+                },
+                () = sleep_until(expiry) => {
+                    for change in typing.handle_timeout(Instant::now()) {
+                        if typing_conv(&change) == self.conv {
+                            print_typing(stdout, &change)?;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(next_refresh) => {
+                    next_refresh += refresh;
+                    for info in self.client.presence().await? {
+                        print_presence(stdout, &info, &mut presence)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn typing_conv(change: &TypingChange) -> ConversationId {
+    match change {
+        TypingChange::Started { conv, .. } | TypingChange::Stopped { conv, .. } => *conv,
+    }
+}
+
+fn print_typing(stdout: &mut impl Write, change: &TypingChange) -> Result<(), ClientError> {
+    let (event, conv, user) = match change {
+        TypingChange::Started { conv, user } => ("typing", conv, user),
+        TypingChange::Stopped { conv, user } => ("typing_stopped", conv, user),
+    };
+    let line = serde_json::json!({ "event": event, "conv": conv.0, "user": user.as_str() });
+    out(stdout, format_args!("{line}"))
+}
+
+/// Prints a presence line when it says something new about the user (a snapshot repeats what
+/// datagrams already said; an older version is stale).
+fn print_presence(
+    stdout: &mut impl Write,
+    info: &PresenceInfo,
+    known: &mut std::collections::HashMap<UserName, PresenceInfo>,
+) -> Result<(), ClientError> {
+    if let Some(previous) = known.get(&info.user) {
+        if info.version < previous.version || info.state == previous.state {
+            return Ok(());
+        }
+    }
+    known.insert(info.user.clone(), info.clone());
+    let line = serde_json::json!({
+        "event": "presence",
+        "user": info.user.as_str(),
+        "state": info.state.as_str(),
+        "last_seen_ms": info.last_seen_ms,
+    });
+    out(stdout, format_args!("{line}"))
 }
 
 fn join_error(e: tokio::task::JoinError) -> ClientError {

@@ -4,14 +4,19 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use quip_protocol::{ErrorBody, Event, EventBody, Seq, UserName};
+use quip_protocol::{
+    encode_datagram, limits, ErrorBody, Event, EventBody, Seq, ServerDatagram, UserName,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
 use super::sequencer::{Append, Appended, Sequencer, StoredId};
-use super::{store_error, Command, Sent, Subscription, View, LIVE_BUFFER};
+use super::typing::TypingBoard;
+use super::{store_error, Command, Sent, Subscription, Typing, TypingRelay, View, LIVE_BUFFER};
+use crate::presence::{EphemeralStats, Relay};
 use crate::store::{Store, StoreError, WriteBatch};
 
 /// Most commands folded into one store commit.
@@ -77,12 +82,17 @@ struct ConversationActor {
     live: broadcast::Sender<Arc<Event>>,
     /// Set when a commit failed: seqs past `durable` may be lost, so nothing more is assigned.
     failed: bool,
+    /// Typing signals of members, to relay to the other members.
+    typing_inbox: mpsc::Receiver<Typing>,
+    typing: TypingBoard,
+    relay: TypingRelay,
 }
 
 pub(super) fn spawn(
     sequencer: Sequencer,
     store: Store,
-    inbox: mpsc::Receiver<Command>,
+    (inbox, typing_inbox): (mpsc::Receiver<Command>, mpsc::Receiver<Typing>),
+    relay: TypingRelay,
     first: Option<(Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
 ) {
     let conv = sequencer.conv();
@@ -96,6 +106,9 @@ pub(super) fn spawn(
         waiting: BTreeMap::new(),
         live,
         failed: false,
+        typing_inbox,
+        typing: TypingBoard::new(relay.interval, Duration::from_millis(limits::TYPING_TTL_MS)),
+        relay,
     };
     if let Some((append, reply)) = first {
         let mut writes = WriteBatch::new();
@@ -115,6 +128,7 @@ impl ConversationActor {
         loop {
             tokio::select! {
                 // Durable commits first: answering them frees memory and unblocks senders.
+                // Typing last: it is perishable and must never hold up a message.
                 biased;
                 Some((result, events)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.on_commit(result, events);
@@ -123,6 +137,7 @@ impl ConversationActor {
                     let Some(command) = command else { break };
                     self.on_commands(command);
                 }
+                Some(typing) = self.typing_inbox.recv() => self.on_typing(typing),
             }
         }
         while let Some((result, events)) = self.in_flight.next().await {
@@ -167,6 +182,8 @@ impl ConversationActor {
                 };
                 match self.sequencer.send(&sender, id, text, stored, now_ms()) {
                     Ok(Appended::New(append)) => {
+                        // A message ends its sender's typing indicator for the others.
+                        self.stop_typing(&sender);
                         let waiter = Waiter::Send {
                             duplicate: false,
                             reply,
@@ -203,8 +220,11 @@ impl ConversationActor {
                     let _ = reply.send(Err(unavailable()));
                     return;
                 }
-                match self.sequencer.remove_member(&by, user, now_ms()) {
-                    Ok(append) => self.stage(append, Waiter::Member(reply), writes, events),
+                match self.sequencer.remove_member(&by, user.clone(), now_ms()) {
+                    Ok(append) => {
+                        self.stop_typing(&user);
+                        self.stage(append, Waiter::Member(reply), writes, events);
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -318,6 +338,63 @@ impl ConversationActor {
             }
             // No receiver is fine: nobody is subscribed right now.
             let _ = self.live.send(Arc::new(event));
+        }
+    }
+}
+
+impl ConversationActor {
+    /// A typing signal: relayed to the other members if the sender is a member now (removal
+    /// takes effect here at once), dropped and counted otherwise.
+    fn on_typing(&mut self, Typing { user, typing }: Typing) {
+        if !self.sequencer.is_member(&user) {
+            EphemeralStats::count(&self.relay.presence.stats().not_member);
+            return;
+        }
+        let now = Instant::now();
+        if typing {
+            if self.typing.handle_typing(&user, now) {
+                self.relay_typing(user, true);
+            }
+        } else if self.typing.handle_stopped(&user, now) {
+            self.relay_typing(user, false);
+        }
+        // Users who stopped by TTL stay on the board until their next signal; sweep them out
+        // now and then so the board holds about the live indicators only.
+        if self.typing.len() > 64 {
+            self.typing.expire(now);
+        }
+    }
+
+    fn stop_typing(&mut self, user: &UserName) {
+        if self.typing.handle_stopped(user, Instant::now()) {
+            self.relay_typing(user.clone(), false);
+        }
+    }
+
+    fn relay_typing(&self, user: UserName, typing: bool) {
+        let conv = self.sequencer.conv();
+        let to: Vec<UserName> = self
+            .sequencer
+            .record()
+            .members
+            .iter()
+            .filter(|member| **member != user)
+            .cloned()
+            .collect();
+        if to.is_empty() {
+            return;
+        }
+        let datagram = if typing {
+            ServerDatagram::Typing { conv, user }
+        } else {
+            ServerDatagram::StoppedTyping { conv, user }
+        };
+        match encode_datagram(&datagram) {
+            Ok(datagram) => self.relay.presence.relay(Relay {
+                to,
+                datagram: datagram.into(),
+            }),
+            Err(e) => tracing::error!(error = %e, "encoding a typing datagram"),
         }
     }
 }

@@ -7,14 +7,17 @@
 
 mod actor;
 pub mod sequencer;
+pub mod typing;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use quip_protocol::{ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, Seq, UserName};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::store::{ConversationRecord, Store, StoreError};
 pub use actor::now_ms;
 use sequencer::Sequencer;
@@ -25,6 +28,9 @@ const MAILBOX: usize = 1024;
 /// Durable events kept for live delivery. A subscriber further behind than this catches up from
 /// the store instead (the sequencer never waits for it).
 pub const LIVE_BUFFER: usize = 1024;
+/// Typing signals waiting for a conversation's actor, in their own queue so that they never
+/// hold up a send. When full, new ones are dropped.
+const EPHEMERAL_MAILBOX: usize = 256;
 
 /// A successful send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,11 +83,28 @@ enum Command {
     },
 }
 
+/// A typing signal from a member's connection. Membership is checked by the actor.
+#[derive(Debug)]
+struct Typing {
+    user: UserName,
+    typing: bool,
+}
+
+/// Where conversation actors send the typing signals they relay.
+#[derive(Clone, Debug)]
+pub struct TypingRelay {
+    pub presence: PresenceHandle,
+    /// A user's repeated `Typing` is relayed at most this often (see `typing::TypingBoard`).
+    pub interval: Duration,
+}
+
 /// The handle to one conversation's actor.
 #[derive(Clone, Debug)]
 pub struct ConversationHandle {
     conv: ConversationId,
     commands: mpsc::Sender<Command>,
+    typing: mpsc::Sender<Typing>,
+    stats: Arc<EphemeralStats>,
 }
 
 /// A reply that will come once the actor has answered (for a send: once it is durable).
@@ -141,12 +164,21 @@ impl ConversationHandle {
     pub async fn view(&self, user: UserName) -> Result<View, ErrorBody> {
         answer(self.ask(|reply| Command::View { user, reply }).await).await
     }
+
+    /// Hands a typing signal of `user` to the actor, which relays it to the other members if
+    /// `user` is one. Never waits: when the actor is busy the signal is dropped and counted.
+    pub fn typing(&self, user: UserName, typing: bool) {
+        if self.typing.try_send(Typing { user, typing }).is_err() {
+            EphemeralStats::count(&self.stats.busy);
+        }
+    }
 }
 
 /// Finds and starts conversation actors.
 #[derive(Debug)]
 pub struct Conversations {
     store: Store,
+    relay: TypingRelay,
     // A short std lock: held for a map lookup (and, on a conversation's first use, two sled
     // reads), never across an await.
     actors: Mutex<HashMap<ConversationId, ConversationHandle>>,
@@ -154,10 +186,11 @@ pub struct Conversations {
 }
 
 impl Conversations {
-    pub fn new(store: Store) -> Result<Self, StoreError> {
+    pub fn new(store: Store, relay: TypingRelay) -> Result<Self, StoreError> {
         let last_id = AtomicU64::new(store.max_conversation_id()?);
         Ok(Conversations {
             store,
+            relay,
             actors: Mutex::new(HashMap::new()),
             last_id,
         })
@@ -216,8 +249,20 @@ impl Conversations {
     ) -> ConversationHandle {
         let conv = sequencer.conv();
         let (commands, inbox) = mpsc::channel(MAILBOX);
-        actor::spawn(sequencer, self.store.clone(), inbox, first);
-        ConversationHandle { conv, commands }
+        let (typing, typing_inbox) = mpsc::channel(EPHEMERAL_MAILBOX);
+        actor::spawn(
+            sequencer,
+            self.store.clone(),
+            (inbox, typing_inbox),
+            self.relay.clone(),
+            first,
+        );
+        ConversationHandle {
+            conv,
+            commands,
+            typing,
+            stats: self.relay.presence.stats().clone(),
+        }
     }
 }
 
