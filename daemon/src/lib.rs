@@ -3,12 +3,15 @@
 //! Layers, from the network inwards: [`server`] accepts QUIC connections; [`session`] serves
 //! one connection (control stream, delivery streams via [`delivery`]); [`conversation`] runs
 //! one sequencer actor per conversation; [`store`] makes everything durable. [`accounts`] and
-//! [`admin`] manage users.
+//! [`admin`] manage users and backups. [`config`] reads the configuration file and [`metrics`]
+//! names what the Prometheus endpoint serves.
 
 pub mod accounts;
 pub mod admin;
+pub mod config;
 pub mod conversation;
 pub mod delivery;
+pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod store;
