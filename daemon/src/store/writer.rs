@@ -179,7 +179,11 @@ impl Writer {
                 }
             }
             if let Some(reply) = cut {
-                let _ = reply.send(super::backup::Cut::take(&self.tree));
+                // Writes wait while the cut is taken: log how long, for operators.
+                let started = std::time::Instant::now();
+                let cut = super::backup::Cut::take(&self.tree);
+                tracing::info!(paused = ?started.elapsed(), "backup cut taken; writes resume");
+                let _ = reply.send(cut);
             }
         }
         // Every handle is gone: leave a clean log behind for a fast next start.
