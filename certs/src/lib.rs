@@ -1,9 +1,10 @@
 //! Development and small-deployment PKI for quip.
 //!
 //! `quipd serve` calls [`load_or_create`] on its certificate directory: the first start makes a
-//! certificate authority and a server certificate signed by it, later starts reuse them. Clients
-//! trust the CA certificate (`ca.pem`) and verify the server against it; nothing here or in the
-//! clients skips verification.
+//! certificate authority and a server certificate signed by it, later starts reuse them.
+//! `quipd certs init` calls [`create_pki`] to make the same files for a real host name, with
+//! bounded validity. Clients trust the CA certificate (`ca.pem`) and verify the server against
+//! it; nothing here or in the clients skips verification.
 
 use std::fs;
 use std::io::Write;
@@ -41,6 +42,12 @@ pub enum CertError {
     Generate(#[from] rcgen::Error),
     #[error("{dir}: holds only part of a PKI (missing {missing}); remove the directory's certificate files or restore the missing ones")]
     Incomplete { dir: PathBuf, missing: String },
+    #[error(
+        "{0} already exists; certificates are never overwritten (move the old ones away first)"
+    )]
+    Exists(PathBuf),
+    #[error("invalid certificate settings: {0}")]
+    Invalid(String),
 }
 
 /// A server's certificate chain and private key, ready for rustls.
@@ -68,16 +75,16 @@ pub enum Provenance {
     Loaded,
 }
 
-/// Loads the CA and server certificate from `dir`, making them first if `dir` holds none.
+/// Loads the server certificate from `dir`, making a CA and server certificate first if `dir`
+/// holds none. The CA's key need not be there (it is better kept offline once the server
+/// certificate is made).
 pub fn load_or_create(dir: &Path) -> Result<(ServerIdentity, Provenance), CertError> {
     let files = [CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE];
-    let missing: Vec<&str> = files
-        .iter()
-        .copied()
-        .filter(|name| !dir.join(name).exists())
-        .collect();
+    let present = |name: &&str| dir.join(name).exists();
+    let missing: Vec<&str> = files.iter().copied().filter(|n| !present(n)).collect();
+    let needed = [SERVER_CERT_FILE, SERVER_KEY_FILE];
     let provenance = match missing.len() {
-        0 => Provenance::Loaded,
+        _ if needed.iter().all(present) => Provenance::Loaded,
         n if n == files.len() => {
             create_dev_pki(dir, DEV_SERVER_NAMES)?;
             Provenance::Created
@@ -97,23 +104,131 @@ pub fn load_or_create(dir: &Path) -> Result<(ServerIdentity, Provenance), CertEr
 /// Makes a CA and a server certificate for `server_names` (DNS names or IP addresses) in `dir`.
 /// Private keys are written with mode 0600.
 pub fn create_dev_pki(dir: &Path, server_names: &[&str]) -> Result<(), CertError> {
+    let names: Vec<String> = server_names.iter().map(|s| s.to_string()).collect();
+    create(dir, "quip development CA", &names, None)
+}
+
+/// What `quipd certs init` makes.
+#[derive(Debug, Clone)]
+pub struct PkiSettings {
+    /// The server's main name: its certificate's common name and first subject alternative name.
+    pub hostname: String,
+    /// More names (DNS names or IP addresses) the server is reached by.
+    pub extra_names: Vec<String>,
+    pub ca_validity: time::Duration,
+    pub server_validity: time::Duration,
+}
+
+impl PkiSettings {
+    /// A CA valid ten years and a server certificate valid 825 days, the longest that
+    /// clients following the CA/Browser Forum's older rules accept.
+    pub fn new(hostname: impl Into<String>) -> Self {
+        PkiSettings {
+            hostname: hostname.into(),
+            extra_names: Vec::new(),
+            ca_validity: time::Duration::days(3650),
+            server_validity: time::Duration::days(825),
+        }
+    }
+
+    /// Every name the server certificate carries, the host name first, without repeats.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = vec![self.hostname.clone()];
+        for name in &self.extra_names {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+}
+
+/// The files [`create_pki`] wrote, and until when the server certificate is valid.
+#[derive(Debug, Clone)]
+pub struct PkiFiles {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub server_names: Vec<String>,
+    pub server_not_after: time::OffsetDateTime,
+}
+
+/// Makes a CA and a server certificate for a small deployment in `dir`. Refuses to overwrite
+/// any existing file; private keys are written with mode 0600.
+pub fn create_pki(dir: &Path, settings: &PkiSettings) -> Result<PkiFiles, CertError> {
+    let hostname = settings.hostname.trim();
+    if hostname.is_empty() || hostname.contains(char::is_whitespace) {
+        return Err(CertError::Invalid(format!(
+            "{hostname:?} is not a host name"
+        )));
+    }
+    for file in [CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE] {
+        if dir.join(file).exists() {
+            return Err(CertError::Exists(dir.join(file)));
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let validity = Validity {
+        not_before: now - time::Duration::hours(1),
+        ca_not_after: now + settings.ca_validity,
+        server_not_after: now + settings.server_validity,
+    };
+    let names = settings.names();
+    create(
+        dir,
+        &format!("quip CA for {hostname}"),
+        &names,
+        Some(&validity),
+    )?;
+    Ok(PkiFiles {
+        ca_cert: dir.join(CA_CERT_FILE),
+        ca_key: dir.join(CA_KEY_FILE),
+        server_cert: dir.join(SERVER_CERT_FILE),
+        server_key: dir.join(SERVER_KEY_FILE),
+        server_names: names,
+        server_not_after: validity.server_not_after,
+    })
+}
+
+struct Validity {
+    not_before: time::OffsetDateTime,
+    ca_not_after: time::OffsetDateTime,
+    server_not_after: time::OffsetDateTime,
+}
+
+/// Makes the four files. Without `validity`, rcgen's defaults (valid from 1975 to 4096: a
+/// development PKI that never expires).
+fn create(
+    dir: &Path,
+    ca_name: &str,
+    server_names: &[String],
+    validity: Option<&Validity>,
+) -> Result<(), CertError> {
     fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name = name("quip development CA");
+    ca_params.distinguished_name = name(ca_name);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    if let Some(validity) = validity {
+        ca_params.not_before = validity.not_before;
+        ca_params.not_after = validity.ca_not_after;
+    }
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
     let server_key = KeyPair::generate()?;
-    let names: Vec<String> = server_names.iter().map(|s| s.to_string()).collect();
-    let mut server_params = CertificateParams::new(names)?;
-    server_params.distinguished_name = name(server_names.first().copied().unwrap_or("quipd"));
+    let mut server_params = CertificateParams::new(server_names.to_vec())?;
+    server_params.distinguished_name = name(server_names.first().map_or("quipd", String::as_str));
     server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server_params.use_authority_key_identifier_extension = true;
+    if let Some(validity) = validity {
+        server_params.not_before = validity.not_before;
+        server_params.not_after = validity.server_not_after;
+    }
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
 
     // Keys first, certificates last: a directory with all four files is always complete.
@@ -204,6 +319,27 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
+    }
+
+    #[test]
+    fn a_deployment_pki_names_every_host_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = PkiSettings::new("chat.example.com");
+        settings.extra_names = vec!["10.1.2.3".into(), "chat.example.com".into()];
+        let files = create_pki(dir.path(), &settings).unwrap();
+        assert_eq!(files.server_names, ["chat.example.com", "10.1.2.3"]);
+        let days = (files.server_not_after - time::OffsetDateTime::now_utc()).whole_days();
+        assert!((824..=825).contains(&days), "{days}");
+        let identity =
+            ServerIdentity::from_pem_files(&files.server_cert, &files.server_key).unwrap();
+        assert_eq!(identity.chain.len(), 1);
+        // The CA key may go offline: the server still loads.
+        fs::remove_file(&files.ca_key).unwrap();
+        assert_eq!(load_or_create(dir.path()).unwrap().1, Provenance::Loaded);
+        // Never overwritten.
+        let err = create_pki(dir.path(), &settings).unwrap_err();
+        assert!(matches!(err, CertError::Exists(_)), "{err}");
+        assert!(create_pki(dir.path(), &PkiSettings::new("bad name")).is_err());
     }
 
     #[test]

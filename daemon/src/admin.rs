@@ -1,9 +1,10 @@
-//! Administration: `quipd user ...` commands.
+//! Administration: `quipd user ...` and `quipd backup`.
 //!
 //! sled lets one process open a store, so while the daemon runs these commands go through its
 //! admin socket (`DATA/admin.sock`, mode 0600, and only the daemon's own uid is served); when it
 //! does not run, the command opens the store itself. Either way the same code does the work.
-//! The socket speaks JSON lines: one request object, one response object.
+//! The socket speaks JSON lines: one request object, one response object. A backup is answered
+//! with one `backup` line, then the backup file's bytes until the daemon closes the connection.
 
 use std::io::ErrorKind;
 use std::path::Path;
@@ -13,10 +14,13 @@ use anyhow::Context;
 use quip_protocol::UserName;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
 
 use crate::accounts::Accounts;
 use crate::server::{admin_socket, store_dir, Shared};
+use crate::store::backup::{self, BackupError, BackupSummary};
 use crate::store::{Store, StoreConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,14 +28,26 @@ use crate::store::{Store, StoreConfig};
 pub enum AdminRequest {
     UserAdd { name: String },
     UserList,
+    Backup,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminResponse {
-    UserAdded { user: UserName, token: String },
-    Users { users: Vec<UserName> },
-    Error { message: String },
+    UserAdded {
+        user: UserName,
+        token: String,
+    },
+    Users {
+        users: Vec<UserName>,
+    },
+    /// The backup file follows on the socket.
+    Backup {
+        epoch: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Longest admin request line accepted.
@@ -44,6 +60,11 @@ async fn execute(accounts: &Accounts, request: AdminRequest) -> AdminResponse {
             .await
             .map(|(user, token)| AdminResponse::UserAdded { user, token }),
         AdminRequest::UserList => accounts.users().map(|users| AdminResponse::Users { users }),
+        AdminRequest::Backup => {
+            return AdminResponse::Error {
+                message: "a backup is streamed, not answered".into(),
+            }
+        }
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
@@ -108,6 +129,7 @@ async fn serve_one(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     let mut lines = BufReader::new(read.take(MAX_REQUEST_LINE)).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(AdminRequest::Backup) => return stream_backup(&shared.store, write).await,
             Ok(request) => execute(&shared.accounts, request).await,
             Err(e) => AdminResponse::Error {
                 message: format!("bad admin request: {e}"),
@@ -120,6 +142,121 @@ async fn serve_one(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends a backup of the store down the admin connection.
+async fn stream_backup(store: &Store, mut write: OwnedWriteHalf) -> anyhow::Result<()> {
+    let snapshot = match store.snapshot().await {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            let response = AdminResponse::Error {
+                message: format!("backup: {e}"),
+            };
+            let mut out = serde_json::to_vec(&response)?;
+            out.push(b'\n');
+            write.write_all(&out).await?;
+            return Ok(());
+        }
+    };
+    let mut out = serde_json::to_vec(&AdminResponse::Backup {
+        epoch: store.epoch().to_string(),
+    })?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    // The snapshot is read with blocking sled calls; chunks cross to the socket through a
+    // small channel, so a slow reader slows the backup, not the daemon.
+    let (chunks, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let writer = tokio::task::spawn_blocking(move || snapshot.write_to(ChannelWriter { chunks }));
+    while let Some(chunk) = rx.recv().await {
+        write.write_all(&chunk).await?;
+    }
+    let summary = writer.await??;
+    write.shutdown().await?;
+    tracing::info!(
+        records = summary.records,
+        events = summary.events,
+        conversations = summary.conversations,
+        "backup sent"
+    );
+    Ok(())
+}
+
+/// A blocking `Write` whose bytes go to an async task.
+struct ChannelWriter {
+    chunks: mpsc::Sender<Vec<u8>>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.chunks
+            .blocking_send(buf.to_vec())
+            .map_err(|_| std::io::Error::from(ErrorKind::BrokenPipe))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes a consistent backup of the data directory's store to `out`: taken by the running
+/// daemon if there is one, from the store directly if not.
+pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary> {
+    let socket = admin_socket(data_dir);
+    let path = out.to_owned();
+    match UnixStream::connect(&socket).await {
+        Ok(stream) => {
+            let (read, mut write) = stream.into_split();
+            let mut line = serde_json::to_vec(&AdminRequest::Backup)?;
+            line.push(b'\n');
+            write.write_all(&line).await?;
+            let mut read = BufReader::new(read);
+            let mut answer = String::new();
+            read.read_line(&mut answer).await?;
+            match serde_json::from_str(&answer) {
+                Ok(AdminResponse::Backup { .. }) => {}
+                Ok(AdminResponse::Error { message }) => anyhow::bail!(message),
+                _ => anyhow::bail!("the daemon did not start the backup: {answer:?}"),
+            }
+            // Received into memory-bounded chunks and written by a blocking task.
+            let (chunks, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+            let out = path.clone();
+            let file = tokio::task::spawn_blocking(move || {
+                backup::write_file_with(&out, |file| {
+                    for chunk in rx {
+                        std::io::Write::write_all(file, &chunk)
+                            .map_err(|e| BackupError::Io(format!("writing the backup: {e}")))?;
+                    }
+                    Ok(())
+                })
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = read.read(&mut buf).await?;
+                if n == 0 || chunks.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+            drop(chunks);
+            file.await??;
+            // Read back whole: proves the copy complete and intact, and says what it holds.
+            Ok(tokio::task::spawn_blocking(move || backup::inspect(&path)).await??)
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            let store = open_offline(data_dir)?;
+            let snapshot = store.snapshot().await?;
+            Ok(tokio::task::spawn_blocking(move || backup::write_file(&snapshot, &path)).await??)
+        }
+        Err(e) => Err(e).with_context(|| format!("connecting to {}", socket.display())),
+    }
+}
+
+/// Opens the store of a data directory whose daemon is not running.
+fn open_offline(data_dir: &Path) -> anyhow::Result<Store> {
+    Ok(Store::open(&StoreConfig {
+        path: store_dir(data_dir),
+        cache_bytes: 16 * 1024 * 1024,
+    })?)
+}
+
 /// Runs an admin request against the data directory: through the running daemon if there is
 /// one, on the store directly if not.
 pub async fn run(data_dir: &Path, request: AdminRequest) -> anyhow::Result<AdminResponse> {
@@ -127,10 +264,7 @@ pub async fn run(data_dir: &Path, request: AdminRequest) -> anyhow::Result<Admin
     match UnixStream::connect(&socket).await {
         Ok(stream) => ask_daemon(stream, &request).await,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            let store = Store::open(&StoreConfig {
-                path: store_dir(data_dir),
-                cache_bytes: 16 * 1024 * 1024,
-            })?;
+            let store = open_offline(data_dir)?;
             Ok(execute(&Accounts::new(store), request).await)
         }
         Err(e) => Err(e).with_context(|| format!("connecting to {}", socket.display())),

@@ -92,7 +92,11 @@ impl Delivery {
             ended = match next {
                 Ok(event) => cursor.on_live(event, &mut live).await?,
                 // Missed events are read from the store when the next one arrives.
-                Err(broadcast::error::RecvError::Lagged(_)) => None,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!(crate::metrics::DELIVERY_LAGGED).increment(1);
+                    metrics::counter!(crate::metrics::DELIVERY_LAGGED_EVENTS).increment(missed);
+                    None
+                }
                 Err(broadcast::error::RecvError::Closed) => Some(Ended::ConversationClosed),
             };
         }
@@ -157,6 +161,9 @@ impl Cursor {
 
     /// Writes every stored event after the cursor up to `until`, page by page.
     async fn replay(&mut self, until: Seq) -> Result<Option<Ended>, DeliveryError> {
+        if self.at < until {
+            metrics::counter!(crate::metrics::REPLAYS).increment(1);
+        }
         while self.at < until {
             let want = (until.0 - self.at.0).min(REPLAY_PAGE as u64) as usize;
             let page = self.store.events_after(self.conv, self.at, want)?;
@@ -168,6 +175,7 @@ impl Cursor {
                 ))
                 .into());
             }
+            metrics::counter!(crate::metrics::REPLAYED_EVENTS).increment(page.len() as u64);
             for event in &page {
                 if let Some(ended) = self.write(event) {
                     return Ok(Some(ended));

@@ -3,13 +3,16 @@
 //! Layers, from the network inwards: [`server`] accepts QUIC connections; [`session`] serves
 //! one connection (control stream, delivery streams via [`delivery`]); [`conversation`] runs
 //! one sequencer actor per conversation; [`store`] makes everything durable. [`presence`] owns
-//! who is online and sends the ephemeral DATAGRAMs (typing, presence), which are never stored. [`accounts`] and
-//! [`admin`] manage users.
+//! who is online and sends the ephemeral DATAGRAMs (typing, presence), which are never stored.
+//! [`accounts`] and [`admin`] manage users and backups. [`config`] reads the configuration file
+//! and [`metrics`] names what the Prometheus endpoint serves.
 
 pub mod accounts;
 pub mod admin;
+pub mod config;
 pub mod conversation;
 pub mod delivery;
+pub mod metrics;
 pub mod presence;
 pub mod rate_limit;
 pub mod server;

@@ -1,12 +1,18 @@
-//! `quipd`: serve, and administer users.
+//! `quipd`: serve; check a configuration; administer users, certificates and backups.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use quipd::admin::{self, AdminRequest, AdminResponse};
+use quipd::config::{ConfigFile, LogConfig, LogFormat, Overrides};
+use quipd::server::{certs_dir, store_dir, TlsSource};
+use quipd::store::backup;
 use quipd::{Server, ServerConfig};
+use sd_notify::NotifyState;
 
 #[derive(Parser, Debug)]
 #[command(name = "quipd", version, about = "The quip messaging daemon")]
@@ -17,26 +23,79 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the daemon.
+    /// Run the daemon. Flags override the configuration file.
     Serve {
-        /// Data directory: the store, certificates and the admin socket.
-        #[arg(long, default_value = "./quip-data", env = "QUIPD_DATA")]
-        data: PathBuf,
-        /// UDP address to listen on.
-        #[arg(long, default_value = "127.0.0.1:4433", env = "QUIPD_LISTEN")]
-        listen: SocketAddr,
-        /// sled page cache size in MiB.
-        #[arg(long, default_value_t = 64)]
-        cache_mb: u64,
+        /// TOML configuration file (see systemd/quipd.toml); without it, the defaults.
+        #[arg(long, env = "QUIPD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory: the store, certificates and the admin socket [default: ./quip-data]
+        #[arg(long, env = "QUIPD_DATA")]
+        data: Option<PathBuf>,
+        /// UDP address to listen on [default: 127.0.0.1:4433]
+        #[arg(long, env = "QUIPD_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// sled page cache size in MiB [default: 64]
+        #[arg(long)]
+        cache_mb: Option<u64>,
         /// Log lines as JSON instead of text.
         #[arg(long)]
         log_json: bool,
+        /// TCP address of the Prometheus endpoint [default: off]
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
+    /// Check a configuration file without starting: names the bad key and why, or prints the
+    /// settings the daemon would run with.
+    CheckConfig { file: PathBuf },
     /// Manage users.
     User {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Make certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Write a consistent backup of the store to a file; works while the daemon runs.
+    Backup {
+        /// The backup file to write (replaced if it exists, only once complete).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Make a new store from a backup file. The data directory must be empty or absent; the
+    /// restored store gets a new epoch, so clients reset their cursors.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+/// Which data directory a command works on.
+#[derive(Args, Debug)]
+struct DataDir {
+    /// Data directory [default: ./quip-data, or the configuration file's data_dir]
+    #[arg(long, env = "QUIPD_DATA")]
+    data: Option<PathBuf>,
+    /// Take the data directory from this configuration file.
+    #[arg(long, env = "QUIPD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl DataDir {
+    fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(data) = &self.data {
+            return Ok(data.clone());
+        }
+        match &self.config {
+            Some(file) => Ok(ConfigFile::load(file)?.data_dir),
+            None => Ok(quipd::config::defaults::DATA_DIR.into()),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,33 +103,52 @@ enum UserCommand {
     /// Create a user and print its bearer token on one line.
     Add {
         name: String,
-        #[arg(long, default_value = "./quip-data", env = "QUIPD_DATA")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
     },
     /// List users, one per line.
     List {
-        #[arg(long, default_value = "./quip-data", env = "QUIPD_DATA")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
     },
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Make a CA and a server certificate for a small deployment. Clients trust ca.pem; move
+    /// ca.key somewhere safe afterwards (the daemon does not need it).
+    Init {
+        /// The name clients connect to.
+        #[arg(long)]
+        hostname: String,
+        /// Another DNS name or IP address of the server; repeatable.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Where to write the files [default: DATA/certs, which the daemon reads]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataDir,
+    },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("quipd: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Whatever is still running (an abandoned admin task) must not hold up the exit: the
+    // store was made durable before `run` returned.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("quipd: {e:#}");
@@ -82,53 +160,241 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
+            config,
             data,
             listen,
             cache_mb,
             log_json,
+            metrics_listen,
         } => {
-            init_logging(log_json);
-            let mut config = ServerConfig::new(data, listen);
-            config.cache_bytes = cache_mb * 1024 * 1024;
-            let server = Server::bind(&config).await?;
-            server.run(shutdown_signal()).await;
-            Ok(())
+            let file = match &config {
+                Some(path) => ConfigFile::load(path)?,
+                None => ConfigFile::default(),
+            };
+            let overrides = Overrides {
+                data_dir: data,
+                listen,
+                cache_mb,
+                log_json,
+                metrics_listen,
+            };
+            let config = file.into_server_config(&overrides)?;
+            init_logging(&config.log);
+            serve(config).await
         }
+        Command::CheckConfig { file } => check_config(&file),
         Command::User { command } => {
-            init_logging(false);
+            init_logging(&default_log());
             let (data, request) = match command {
                 UserCommand::Add { name, data } => (data, AdminRequest::UserAdd { name }),
                 UserCommand::List { data } => (data, AdminRequest::UserList),
             };
-            match admin::run(&data, request).await? {
+            match admin::run(&data.resolve()?, request).await? {
                 AdminResponse::UserAdded { token, .. } => println!("{token}"),
                 AdminResponse::Users { users } => users.iter().for_each(|u| println!("{u}")),
                 AdminResponse::Error { message } => anyhow::bail!(message),
+                AdminResponse::Backup { .. } => anyhow::bail!("unexpected answer"),
             }
             Ok(())
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    hostname,
+                    sans,
+                    dir,
+                    data,
+                },
+        } => {
+            let dir = match dir {
+                Some(dir) => dir,
+                None => certs_dir(&data.resolve()?),
+            };
+            let mut settings = quip_certs::PkiSettings::new(hostname);
+            settings.extra_names = sans;
+            let files = quip_certs::create_pki(&dir, &settings)?;
+            println!("server certificate for {}", files.server_names.join(", "));
+            println!("  valid until {}", files.server_not_after.date());
+            println!("  {}", files.server_cert.display());
+            println!("  {}", files.server_key.display());
+            println!("CA certificate for clients: {}", files.ca_cert.display());
+            println!(
+                "CA key: {} (keep it offline; the daemon does not need it)",
+                files.ca_key.display()
+            );
+            Ok(())
+        }
+        Command::Backup { out, data } => {
+            init_logging(&default_log());
+            let data = data.resolve()?;
+            let summary = admin::backup(&data, &out).await?;
+            println!(
+                "{}: {} conversations, {} events, {} records, store epoch {}",
+                out.display(),
+                summary.conversations,
+                summary.events,
+                summary.records,
+                summary.epoch
+            );
+            Ok(())
+        }
+        Command::Restore { from, data } => restore(&from, &data),
+    }
+}
+
+fn default_log() -> LogConfig {
+    LogConfig {
+        format: LogFormat::Text,
+        filter: "warn".into(),
+    }
+}
+
+/// `RUST_LOG`, when set, replaces the configured filter.
+fn init_logging(log: &LogConfig) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => tracing_subscriber::EnvFilter::new(env),
+        _ => tracing_subscriber::EnvFilter::new(&log.filter),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    if let Some(addr) = config.metrics_listen {
+        quipd::metrics::install(addr)?;
+    }
+    let server = Server::bind(&config).await?;
+    let tls = server.tls_reloader();
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let mut reloading = vec![NotifyState::Reloading];
+            reloading.extend(NotifyState::monotonic_usec_now().ok());
+            notify(&reloading);
+            if let Err(e) = tls.reload() {
+                tracing::error!(error = %format!("{e:#}"), "certificate reload failed; keeping the old certificate");
+            }
+            notify(&[NotifyState::Ready]);
+        }
+    });
+    // The store is open and the socket bound: connections that arrive now wait in the
+    // endpoint's queue until `run` accepts them.
+    let listen = server.local_addr()?;
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("serving on {listen}")),
+    ]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(watchdog(server.store(), interval));
+    }
+    server
+        .run(async {
+            shutdown_signal().await;
+            notify(&[NotifyState::Stopping]);
+        })
+        .await;
+    Ok(())
+}
+
+/// Tells systemd (when it started us with a notify socket) how the daemon is doing.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog while the store still makes writes durable: a daemon whose store
+/// refuses writes (after an IO error) or hangs gets restarted.
+async fn watchdog(store: quipd::store::Store, interval: Duration) {
+    let mut tick = tokio::time::interval(interval / 3);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(interval / 3, store.sync()).await {
+            Ok(Ok(())) => notify(&[NotifyState::Watchdog]),
+            Ok(Err(e)) => tracing::error!(error = %e, "store unhealthy: not pinging the watchdog"),
+            Err(_) => tracing::error!("store sync too slow: not pinging the watchdog"),
         }
     }
 }
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
             }
         }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+fn check_config(file: &Path) -> anyhow::Result<()> {
+    let config = ConfigFile::load(file)?.into_server_config(&Overrides::default())?;
+    if let TlsSource::Files { cert, key } = &config.tls {
+        quip_certs::ServerIdentity::from_pem_files(cert, key)
+            .map_err(|e| anyhow::anyhow!("`tls.cert`/`tls.key`: {e}"))?;
     }
+    let (cert, key) = config.tls_files();
+    println!("{}: ok", file.display());
+    println!("data_dir = {}", config.data_dir.display());
+    println!("store = {}", store_dir(&config.data_dir).display());
+    println!("listen = {}", config.listen);
+    println!("cache_mb = {}", config.cache_bytes / (1024 * 1024));
+    println!("shutdown_timeout = {:?}", config.shutdown_timeout);
+    println!("tls.cert = {}", cert.display());
+    println!("tls.key = {}", key.display());
+    println!("limits.max_connections = {}", config.max_connections);
+    println!(
+        "limits.handshake_timeout = {:?}",
+        config.limits.handshake_timeout
+    );
+    println!("limits.auth_timeout = {:?}", config.limits.auth_timeout);
+    println!("limits.idle_timeout = {:?}", config.idle_timeout);
+    println!("limits.max_frame_len = {}", config.limits.max_frame_len);
+    println!("log.format = {:?}", config.log.format);
+    println!("log.filter = {}", config.log.filter);
+    match config.metrics_listen {
+        Some(addr) => println!("metrics.listen = {addr}"),
+        None => println!("metrics.listen = off"),
+    }
+    Ok(())
+}
+
+fn restore(from: &Path, data: &Path) -> anyhow::Result<()> {
+    let occupied = std::fs::read_dir(data)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    if occupied {
+        anyhow::bail!(
+            "{} is not empty: restore makes a new data directory and never overwrites one",
+            data.display()
+        );
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let summary = backup::restore(from, &store_dir(data))?;
+    println!(
+        "restored {} records ({} events) into {}",
+        summary.records,
+        summary.events,
+        data.display()
+    );
+    println!(
+        "new store epoch {} (the backup's was {}): clients reset their cursors",
+        summary.epoch, summary.backup_epoch
+    );
+    Ok(())
 }

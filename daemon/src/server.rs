@@ -9,16 +9,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use quinn::crypto::rustls::QuicServerConfig;
+use quip_protocol::ErrorCode;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::accounts::Accounts;
 use crate::admin;
+use crate::config::{defaults, LogConfig, LogFormat};
 use crate::conversation::{Conversations, TypingRelay};
 use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::session::{self, Limits};
 use crate::store::{Store, StoreConfig};
 
-/// Everything a `quipd serve` needs to start.
+/// Everything a `quipd serve` needs to start. Made from the config file by
+/// [`crate::config::ConfigFile::into_server_config`].
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
@@ -26,6 +31,16 @@ pub struct ServerConfig {
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
     pub limits: Limits,
+    /// Connections served at once; more are refused.
+    pub max_connections: u32,
+    /// A connection without traffic for this long is closed.
+    pub idle_timeout: Duration,
+    pub tls: TlsSource,
+    /// The bound on a graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Where the Prometheus endpoint listens; `None`: no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log: LogConfig,
 }
 
 impl ServerConfig {
@@ -33,10 +48,42 @@ impl ServerConfig {
         ServerConfig {
             data_dir: data_dir.into(),
             listen,
-            cache_bytes: 64 * 1024 * 1024,
+            cache_bytes: defaults::CACHE_MB * 1024 * 1024,
             limits: Limits::default(),
+            max_connections: defaults::MAX_CONNECTIONS,
+            idle_timeout: Duration::from_millis(defaults::IDLE_TIMEOUT_MS),
+            tls: TlsSource::DataDir,
+            shutdown_timeout: Duration::from_millis(defaults::SHUTDOWN_TIMEOUT_MS),
+            metrics_listen: None,
+            log: LogConfig {
+                format: LogFormat::Text,
+                filter: defaults::LOG_FILTER.into(),
+            },
         }
     }
+
+    /// The certificate and key files the server loads (and reloads on SIGHUP).
+    pub fn tls_files(&self) -> (PathBuf, PathBuf) {
+        match &self.tls {
+            TlsSource::DataDir => {
+                let dir = certs_dir(&self.data_dir);
+                (
+                    dir.join(quip_certs::SERVER_CERT_FILE),
+                    dir.join(quip_certs::SERVER_KEY_FILE),
+                )
+            }
+            TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
+        }
+    }
+}
+
+/// Where the server's certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSource {
+    /// `DATA/certs`, with a development PKI made there on first start if it is empty.
+    DataDir,
+    /// Files managed elsewhere (an ACME client, an internal CA); never created or changed.
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 /// The paths inside a data directory.
@@ -67,6 +114,30 @@ pub struct Server {
     shared: Arc<Shared>,
     admin: tokio::net::UnixListener,
     admin_path: PathBuf,
+    tls: TlsReloader,
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+/// Reloads the server certificate into a running endpoint: new connections get the new
+/// certificate, established ones keep theirs.
+#[derive(Clone, Debug)]
+pub struct TlsReloader {
+    endpoint: quinn::Endpoint,
+    cert: PathBuf,
+    key: PathBuf,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+impl TlsReloader {
+    /// Reads the certificate and key again; on any error the endpoint keeps the old ones.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let identity = quip_certs::ServerIdentity::from_pem_files(&self.cert, &self.key)?;
+        let config = quic_config(identity, self.transport.clone())?;
+        self.endpoint.set_server_config(Some(config));
+        tracing::info!(cert = %self.cert.display(), "reloaded the server certificate");
+        Ok(())
+    }
 }
 
 impl Server {
@@ -78,22 +149,38 @@ impl Server {
             path: store_dir(&config.data_dir),
             cache_bytes: config.cache_bytes,
         })?;
-        let certs = certs_dir(&config.data_dir);
-        let (identity, provenance) = quip_certs::load_or_create(&certs)?;
-        if provenance == quip_certs::Provenance::Created {
-            tracing::info!(ca = %certs.join(quip_certs::CA_CERT_FILE).display(), "created a development CA and server certificate");
-        }
+        let identity = match &config.tls {
+            TlsSource::DataDir => {
+                let certs = certs_dir(&config.data_dir);
+                let (identity, provenance) = quip_certs::load_or_create(&certs)?;
+                if provenance == quip_certs::Provenance::Created {
+                    tracing::info!(ca = %certs.join(quip_certs::CA_CERT_FILE).display(), "created a development CA and server certificate");
+                }
+                identity
+            }
+            TlsSource::Files { cert, key } => {
+                quip_certs::ServerIdentity::from_pem_files(cert, key)?
+            }
+        };
+        let transport = Arc::new(transport_config(config)?);
         let endpoint_config = endpoint_config(&store.stateless_reset_key().await?);
         let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
-            Some(quic_config(identity)?),
+            Some(quic_config(identity, transport.clone())?),
             socket,
             runtime,
         )
         .with_context(|| format!("starting QUIC on {}", config.listen))?;
+        let (cert, key) = config.tls_files();
+        let tls = TlsReloader {
+            endpoint: endpoint.clone(),
+            cert,
+            key,
+            transport,
+        };
         let admin_path = admin_socket(&config.data_dir);
         let admin = admin::bind(&admin_path)?;
         let presence = PresenceHandle::start(store.clone(), config.limits.ephemeral.clone());
@@ -113,6 +200,9 @@ impl Server {
             shared,
             admin,
             admin_path,
+            tls,
+            max_connections: config.max_connections as usize,
+            shutdown_timeout: config.shutdown_timeout,
         })
     }
 
@@ -125,30 +215,72 @@ impl Server {
         self.shared.presence.stats().clone()
     }
 
-    /// Serves until `shutdown` resolves, then tells clients it is going away and returns once
-    /// they are closed (or after a bounded wait).
+    /// The store the server writes to.
+    pub fn store(&self) -> Store {
+        self.shared.store.clone()
+    }
+
+    /// A handle that reloads the certificate files (what SIGHUP does).
+    pub fn tls_reloader(&self) -> TlsReloader {
+        self.tls.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully within the configured
+    /// bound: refuses new connections, lets every session answer the requests it already
+    /// handed to a sequencer, tells clients it is going away (`GOING_AWAY`), and returns once
+    /// everything the store was given is durable.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop, stopping) = watch::channel(false);
         let admin = tokio::spawn(admin::serve(self.admin, self.shared.clone()));
         let addr = self.endpoint.local_addr().ok();
-        tracing::info!(listen = ?addr, "quipd ready");
+        tracing::info!(listen = %addr.map_or_else(|| "?".into(), |a| a.to_string()), "quipd ready");
+        let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = sessions.join_next(), if !sessions.is_empty() => {}
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(session::serve(self.shared.clone(), incoming, stopping.clone()));
+                    if sessions.len() >= self.max_connections {
+                        tracing::warn!(remote = %incoming.remote_address(), "connection refused: at max_connections");
+                        crate::metrics::refused();
+                        incoming.refuse();
+                        continue;
+                    }
+                    sessions.spawn(session::serve(self.shared.clone(), incoming, stopping.clone()));
                 }
             }
         }
-        tracing::info!("shutting down");
+        let deadline = Instant::now() + self.shutdown_timeout;
+        tracing::info!(sessions = sessions.len(), timeout = ?self.shutdown_timeout, "shutting down");
+        self.endpoint.set_server_config(None);
         let _ = stop.send(true);
         admin.abort();
         let _ = std::fs::remove_file(&self.admin_path);
-        // Sessions close their connections with GOING_AWAY; give the close frames time to go.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
-        self.endpoint.close(0u32.into(), b"shutdown");
+        let drained = tokio::time::timeout_at(deadline, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "shutdown timeout: closing the remaining connections"
+            );
+            sessions.abort_all();
+        }
+        self.endpoint.close(
+            quinn::VarInt::from(u32::from(ErrorCode::GOING_AWAY.0)),
+            b"server shutting down",
+        );
+        // Lets the close frames go out.
+        let _ = tokio::time::timeout_at(deadline, self.endpoint.wait_idle()).await;
+        // Every commit queued before this one is durable once it is.
+        match tokio::time::timeout_at(deadline, self.shared.store.sync()).await {
+            Ok(Ok(())) => tracing::info!("store flushed; stopped"),
+            Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
+            Err(_) => tracing::error!("shutdown timeout: the final store flush did not finish"),
+        }
     }
 }
 
@@ -175,7 +307,29 @@ fn endpoint_config(secret: &[u8; 32]) -> quinn::EndpointConfig {
     config
 }
 
-fn quic_config(identity: quip_certs::ServerIdentity) -> anyhow::Result<quinn::ServerConfig> {
+fn transport_config(config: &ServerConfig) -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    // The client opens exactly one stream, the control stream; the server opens the others.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    // Explicit windows: a peer can make us buffer at most this much per stream and connection.
+    let max_frame = u64::from(config.limits.max_frame_len);
+    transport.stream_receive_window(quinn::VarInt::from_u64(2 * max_frame)?);
+    transport.receive_window(quinn::VarInt::from_u64(4 * max_frame)?);
+    transport.send_window(8 * max_frame);
+    transport.max_idle_timeout(Some(config.idle_timeout.try_into()?));
+    transport.datagram_receive_buffer_size(Some(64 * 1024));
+    // quinn puts queued datagrams into a packet before stream data: a short send buffer (the
+    // oldest datagram is dropped when it is full) keeps typing from ever queueing ahead of
+    // messages for long.
+    transport.datagram_send_buffer_size(16 * 1024);
+    Ok(transport)
+}
+
+fn quic_config(
+    identity: quip_certs::ServerIdentity,
+    transport: Arc<quinn::TransportConfig>,
+) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -186,23 +340,7 @@ fn quic_config(identity: quip_certs::ServerIdentity) -> anyhow::Result<quinn::Se
     // No 0-RTT: early data can be replayed, and a replayed send must never be accepted.
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
-
-    let mut transport = quinn::TransportConfig::default();
-    // The client opens exactly one stream, the control stream; the server opens the others.
-    transport.max_concurrent_bidi_streams(1u32.into());
-    transport.max_concurrent_uni_streams(0u32.into());
-    // Explicit windows: a peer can make us buffer at most this much per stream and connection.
-    let max_frame = u64::from(quip_protocol::limits::MAX_FRAME_LEN);
-    transport.stream_receive_window(quinn::VarInt::from_u64(2 * max_frame)?);
-    transport.receive_window(quinn::VarInt::from_u64(4 * max_frame)?);
-    transport.send_window(8 * max_frame);
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
-    transport.datagram_receive_buffer_size(Some(64 * 1024));
-    // quinn puts queued datagrams into a packet before stream data: a short send buffer (the
-    // oldest datagram is dropped when it is full) keeps typing from ever queueing ahead of
-    // messages for long.
-    transport.datagram_send_buffer_size(16 * 1024);
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport));
+    config.transport_config(transport);
     Ok(config)
 }

@@ -27,6 +27,8 @@ use crate::wire::{push_frame, FrameReader, ReadError};
 const MAX_PENDING_REQUESTS: usize = 1024;
 /// Frames queued for the control stream's writer.
 const OUTGOING_QUEUE: usize = 256;
+/// How long the last frames of a closing session may take to reach the client.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 
 type Reply = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 
@@ -37,6 +39,7 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
+    let _connection = crate::metrics::connection();
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
@@ -63,6 +66,7 @@ pub async fn serve(
             return;
         }
     };
+    let _session = crate::metrics::GaugeGuard::new(crate::metrics::SESSIONS);
     let span = tracing::info_span!("session", user = %user, %remote);
     let _entered = span.enter();
     tracing::info!("connected");
@@ -100,6 +104,7 @@ pub async fn serve(
 
 /// Closes the connection with an error's code as the QUIC application error code.
 fn close(conn: &quinn::Connection, error: &ErrorBody) {
+    crate::metrics::connection_error(error.code);
     let reason = error.message.as_bytes();
     conn.close(
         quinn::VarInt::from(u32::from(error.code.0)),
@@ -163,12 +168,13 @@ fn read_error(e: ReadError) -> ErrorBody {
 struct Control {
     reader: FrameReader,
     outgoing: mpsc::Sender<ServerFrame>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Control {
     fn start(mut send: quinn::SendStream, reader: FrameReader, max_frame_len: u32) -> Self {
         let (outgoing, mut queue) = mpsc::channel::<ServerFrame>(OUTGOING_QUEUE);
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
             while let Some(frame) = queue.recv().await {
                 push_frame(&mut buf, &frame, max_frame_len);
@@ -183,12 +189,29 @@ impl Control {
                 }
                 buf.clear();
             }
-            let _ = send.finish();
+            // Finished: wait (bounded) until the client has every byte, so that closing the
+            // connection afterwards cannot discard the last replies or the Closing frame.
+            if send.finish().is_ok() {
+                let _ = tokio::time::timeout(FINISH_TIMEOUT, send.stopped()).await;
+            }
         });
-        Control { reader, outgoing }
+        Control {
+            reader,
+            outgoing,
+            writer,
+        }
+    }
+
+    /// Writes what is queued, ends the stream and waits until the client has received it.
+    async fn finish(self) {
+        drop(self.outgoing);
+        let _ = self.writer.await;
     }
 
     async fn send(&self, frame: ServerFrame) {
+        if let ServerFrame::Error { error, .. } = &frame {
+            crate::metrics::request_error(error.code);
+        }
         // Fails only when the writer stopped because the stream is gone; the session ends too.
         let _ = self.outgoing.send(frame).await;
     }
@@ -223,6 +246,11 @@ impl Session {
                 // datagrams: typing is perishable and must never hold up a message.
                 biased;
                 _ = stopped(&mut shutdown) => {
+                    // Requests already handed to a sequencer get their answer (ack or error)
+                    // before the goodbye; nothing more is read. The server bounds the wait.
+                    while let Some(reply) = replies.next().await {
+                        control.send(reply).await;
+                    }
                     break Err(ErrorBody::new(ErrorCode::GOING_AWAY, "server shutting down"));
                 }
                 Some(reply) = replies.next(), if !replies.is_empty() => control.send(reply).await,
@@ -258,6 +286,9 @@ impl Session {
         }
         // Answers still owed are dropped with the connection; the client retries them.
         self.deliveries.shutdown().await;
+        if result.is_err() {
+            control.finish().await;
+        }
         result
     }
 
@@ -285,9 +316,11 @@ impl Session {
                     Ok(handle) => handle,
                     Err(error) => return ready(ServerFrame::Error { id, error }),
                 };
+                let started = std::time::Instant::now();
                 let pending = handle.send(user, msg_id, text).await;
                 reply(id, async move {
                     let sent = answer(pending).await?;
+                    crate::metrics::send_acked(started.elapsed());
                     Ok(Response::Sent {
                         conv,
                         seq: sent.seq,

@@ -116,10 +116,13 @@ pub(super) fn spawn(
         actor.stage(append, Waiter::Member(reply), &mut writes, &mut events);
         actor.commit(writes, events);
     }
+    let active = crate::metrics::GaugeGuard::new(crate::metrics::CONVERSATIONS_ACTIVE);
     tokio::spawn(
-        actor
-            .run()
-            .instrument(tracing::info_span!("conversation", conv = conv.0)),
+        async move {
+            actor.run().await;
+            drop(active);
+        }
+        .instrument(tracing::info_span!("conversation", conv = conv.0)),
     );
 }
 
@@ -330,6 +333,9 @@ impl ConversationActor {
             return;
         }
         for event in events {
+            if matches!(event.body, EventBody::Message { .. }) {
+                metrics::counter!(crate::metrics::MESSAGES_APPENDED).increment(1);
+            }
             self.sequencer.durable(&event);
             self.durable = event.seq;
             let waiters = self.waiting.remove(&event.seq).unwrap_or_default();

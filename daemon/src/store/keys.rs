@@ -12,6 +12,10 @@
 //! | `userconv_member`    | `0x04` len:u8 user conv:u64                      | empty                |
 //! | `user_record`        | `0x05` user                                      | `UserRecord`         |
 //! | `tokenhash_user`     | `0x06` sha256(token):[32]                        | `TokenRecord`        |
+//!
+//! `convseq_event` and `convmsgid_seq` are append-only: a record there is never overwritten or
+//! removed. Backups rely on it (`backup.rs`); a feature that deletes events (retention) must
+//! change how backups cut the store.
 
 use quip_protocol::{ClientMessageId, ConversationId, Seq, UserName};
 

@@ -4,6 +4,7 @@
 //! [`Store::commit`], which hands a [`WriteBatch`] to the one store writer (see `writer.rs`) and
 //! resolves once the batch is on disk: applied, flushed and fdatasync'd.
 
+pub mod backup;
 mod keys;
 mod writer;
 
@@ -160,7 +161,7 @@ pub struct StoreConfig {
 pub struct Store {
     tree: sled::Tree,
     epoch: Epoch,
-    commits: mpsc::UnboundedSender<writer::Commit>,
+    commits: mpsc::UnboundedSender<writer::Job>,
     stats: std::sync::Arc<WriterStats>,
 }
 
@@ -250,11 +251,32 @@ impl Store {
         batch: WriteBatch,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let (done, rx) = oneshot::channel();
-        let sent = self.commits.send(writer::Commit { batch, done });
+        let sent = self
+            .commits
+            .send(writer::Job::Commit(writer::Commit { batch, done }));
         async move {
             sent.map_err(|_| StoreError::Closed)?;
             rx.await.map_err(|_| StoreError::Closed)?
         }
+    }
+
+    /// Resolves once everything committed before this call is durable (and sled's log is
+    /// flushed), for a clean shutdown.
+    pub fn sync(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        self.commit(WriteBatch::new())
+    }
+
+    /// A consistent snapshot of the store as it is once every commit queued before this call
+    /// is durable; writes go on meanwhile. See [`backup`].
+    pub async fn snapshot(&self) -> Result<backup::Snapshot, StoreError> {
+        let (reply, cut) = oneshot::channel();
+        self.commits
+            .send(writer::Job::Cut(reply))
+            .map_err(|_| StoreError::Closed)?;
+        let cut = cut.await.map_err(|_| StoreError::Closed)??;
+        Ok(backup::Snapshot::new(self.tree.clone(), self.epoch, cut))
     }
 
     pub fn conversation(

@@ -147,3 +147,105 @@ async fn a_commit_resolves_only_after_an_fdatasync() {
         assert!(syncs() > before, "commit {n} resolved without an fdatasync");
     }
 }
+
+fn message_id(n: u64) -> ClientMessageId {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_be_bytes());
+    ClientMessageId(id)
+}
+
+#[tokio::test]
+async fn a_snapshot_under_writes_restores_to_a_prefix_with_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("a"));
+    let convs = [ConversationId(1), ConversationId(2), ConversationId(3)];
+    let record = ConversationRecord {
+        title: "t".into(),
+        creator: user("alice"),
+        members: [user("alice")].into(),
+        created_at_ms: 0,
+    };
+    let mut batch = WriteBatch::new();
+    for conv in convs {
+        batch.put_conversation(conv, &record);
+    }
+    batch.put_user(&user("alice"), &UserRecord { created_at_ms: 0 });
+    store.commit(batch).await.unwrap();
+    // Writers append to every conversation, one commit per message, while the cut is taken.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 1..=400u64 {
+                let mut pending = Vec::new();
+                for conv in convs {
+                    let mut batch = WriteBatch::new();
+                    batch.append_event(conv, Seq(n), &message(n));
+                    batch.remember_message_id(conv, message_id(n), &user("alice"), Seq(n));
+                    pending.push(store.commit(batch));
+                }
+                for commit in pending {
+                    commit.await.unwrap();
+                }
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let snapshot = store.snapshot().await.unwrap();
+    let file = dir.path().join("backup.qbk");
+    let written = backup::write_file(&snapshot, &file).unwrap();
+    writer.await.unwrap();
+    assert_eq!(backup::inspect(&file).unwrap(), written);
+
+    let restored_dir = dir.path().join("b");
+    let summary = backup::restore(&file, &restored_dir).unwrap();
+    assert_ne!(summary.epoch, store.epoch());
+    assert_eq!(summary.backup_epoch, store.epoch());
+    let restored = open(&restored_dir);
+    assert_eq!(restored.epoch(), summary.epoch);
+    assert_eq!(restored.users().unwrap(), vec![user("alice")]);
+    for conv in convs {
+        let head = restored.head(conv).unwrap();
+        assert_eq!(head, snapshot.heads()[&conv]);
+        let events = restored.events_after(conv, Seq::ZERO, 10_000).unwrap();
+        let original = store
+            .events_after(conv, Seq::ZERO, head.0 as usize)
+            .unwrap();
+        assert_eq!(events, original, "conversation {conv} is not a prefix");
+        // A message id is restored exactly when its message is.
+        for n in 1..=400u64 {
+            let id = restored
+                .message_seq(conv, message_id(n), &user("alice"))
+                .unwrap();
+            assert_eq!(
+                id.is_some(),
+                n <= head.0,
+                "message id {n} of conversation {conv}"
+            );
+        }
+    }
+    assert!(
+        backup::restore(&file, &restored_dir).is_err(),
+        "restore must refuse a store that is not empty"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_backup_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("a"));
+    let mut batch = WriteBatch::new();
+    batch.put_user(&user("alice"), &UserRecord { created_at_ms: 0 });
+    store.commit(batch).await.unwrap();
+    let file = dir.path().join("backup.qbk");
+    backup::write_file(&store.snapshot().await.unwrap(), &file).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = backup::restore(&file, &dir.path().join("b")).unwrap_err();
+    assert!(
+        err.to_string().contains("not a usable quip backup"),
+        "{err}"
+    );
+    assert!(!dir.path().join("b").exists());
+}

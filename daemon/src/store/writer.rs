@@ -6,6 +6,9 @@
 //! sled batch, flushes, fdatasyncs sled's files and only then answers them all. Under load the
 //! batches grow on their own, so the cost of one fdatasync is shared by many messages.
 //!
+//! The same thread takes backup cuts ([`super::backup`]): between two group commits nothing
+//! else writes, so what it reads there is one consistent state of the store.
+//!
 //! Why the explicit fdatasync: sled 0.34's `flush` ends with `sync_file_range`, which neither
 //! flushes the device cache nor persists a grown file's size, and it never syncs blob files.
 
@@ -24,6 +27,13 @@ const MAX_COMMITS_PER_FLUSH: usize = 4096;
 pub(super) struct Commit {
     pub batch: WriteBatch,
     pub done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Work for the writer, in the order it is to be done.
+pub(super) enum Job {
+    Commit(Commit),
+    /// Take a backup cut after every commit queued before it is durable.
+    Cut(oneshot::Sender<Result<super::backup::Cut, StoreError>>),
 }
 
 /// Counters of the writer's work, readable while it runs.
@@ -111,7 +121,7 @@ pub(super) fn spawn(
     db: sled::Db,
     tree: sled::Tree,
     durability: Durability,
-    commits: mpsc::UnboundedReceiver<Commit>,
+    commits: mpsc::UnboundedReceiver<Job>,
     stats: Arc<WriterStats>,
 ) -> Result<(), StoreError> {
     let writer = Writer {
@@ -133,7 +143,7 @@ struct Writer {
     db: sled::Db,
     tree: sled::Tree,
     durability: Durability,
-    commits: mpsc::UnboundedReceiver<Commit>,
+    commits: mpsc::UnboundedReceiver<Job>,
     stats: Arc<WriterStats>,
     /// Set after a failed flush: what sled holds in memory may differ from the disk, so no
     /// further write is acknowledged.
@@ -144,20 +154,36 @@ impl Writer {
     fn run(mut self) {
         let mut pending = Vec::new();
         while let Some(first) = self.commits.blocking_recv() {
-            pending.push(first);
-            while pending.len() < MAX_COMMITS_PER_FLUSH {
-                match self.commits.try_recv() {
-                    Ok(commit) => pending.push(commit),
-                    Err(_) => break,
+            let mut next = Some(first);
+            let mut cut = None;
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Commit(commit) => pending.push(commit),
+                    Job::Cut(reply) => {
+                        cut = Some(reply);
+                        break;
+                    }
+                }
+                if pending.len() < MAX_COMMITS_PER_FLUSH {
+                    next = self.commits.try_recv().ok();
                 }
             }
-            let result = self.make_durable(&pending);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, commits = pending.len(), "store write failed; refusing further writes");
-                self.poisoned = true;
+            if !pending.is_empty() {
+                let result = self.make_durable(&pending);
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, commits = pending.len(), "store write failed; refusing further writes");
+                    self.poisoned = true;
+                }
+                for commit in pending.drain(..) {
+                    let _ = commit.done.send(result.clone());
+                }
             }
-            for commit in pending.drain(..) {
-                let _ = commit.done.send(result.clone());
+            if let Some(reply) = cut {
+                // Writes wait while the cut is taken: log how long, for operators.
+                let started = std::time::Instant::now();
+                let cut = super::backup::Cut::take(&self.tree);
+                tracing::info!(paused = ?started.elapsed(), "backup cut taken; writes resume");
+                let _ = reply.send(cut);
             }
         }
         // Every handle is gone: leave a clean log behind for a fast next start.
@@ -191,6 +217,10 @@ impl Writer {
         self.stats
             .flush_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::STORE_FLUSHES).increment(1);
+        metrics::histogram!(crate::metrics::STORE_FLUSH_COMMITS).record(commits.len() as f64);
+        metrics::histogram!(crate::metrics::STORE_FLUSH_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         tracing::trace!(commits = commits.len(), elapsed = ?started.elapsed(), "group commit");
         Ok(())
     }

@@ -1,0 +1,502 @@
+//! The configuration file: what an operator writes ([`ConfigFile`], TOML, every field optional
+//! with a default) and its conversion into the typed [`ServerConfig`] the daemon runs with.
+//!
+//! The file is strict: an unknown key or a value of the wrong type is an error that names the
+//! key, so a typo never silently falls back to a default. `systemd/quipd.toml` documents every
+//! key with its default; a test parses it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::presence::EphemeralLimits;
+use crate::server::{ServerConfig, TlsSource};
+use crate::session::Limits;
+
+/// Defaults, shared by the file format and [`ServerConfig::new`].
+pub mod defaults {
+    pub const DATA_DIR: &str = "./quip-data";
+    pub const LISTEN: &str = "127.0.0.1:4433";
+    pub const CACHE_MB: u64 = 64;
+    pub const SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+    pub const MAX_CONNECTIONS: u32 = 10_000;
+    pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+    pub const AUTH_TIMEOUT_MS: u64 = 10_000;
+    pub const IDLE_TIMEOUT_MS: u64 = 30_000;
+    pub const LOG_FILTER: &str = "info";
+}
+
+/// A configuration error, naming the key and why it is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: line {line}: `{key}`: {reason}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        reason: String,
+    },
+    #[error("`{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl ConfigError {
+    /// The key the error is about.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Parse { key, .. } => Some(key),
+            ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// `quipd.toml` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigFile {
+    /// The store, the development certificates and the admin socket live here.
+    pub data_dir: PathBuf,
+    /// UDP address for QUIC.
+    pub listen: String,
+    /// sled's page cache, in MiB.
+    pub cache_mb: u64,
+    /// How long a graceful shutdown may take before the remaining connections are cut.
+    pub shutdown_timeout_ms: u64,
+    pub tls: TlsSection,
+    pub limits: LimitsSection,
+    pub log: LogSection,
+    pub metrics: MetricsSection,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        ConfigFile {
+            data_dir: defaults::DATA_DIR.into(),
+            listen: defaults::LISTEN.into(),
+            cache_mb: defaults::CACHE_MB,
+            shutdown_timeout_ms: defaults::SHUTDOWN_TIMEOUT_MS,
+            tls: TlsSection::default(),
+            limits: LimitsSection::default(),
+            log: LogSection::default(),
+            metrics: MetricsSection::default(),
+        }
+    }
+}
+
+/// Certificate files from elsewhere (an ACME client, an internal CA). Both or neither; with
+/// neither, the daemon uses `DATA/certs` and makes a development PKI there on first start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Connections served at once; more are refused.
+    pub max_connections: u32,
+    pub handshake_timeout_ms: u64,
+    /// Time between the handshake and a valid `Hello`.
+    pub auth_timeout_ms: u64,
+    /// A connection silent for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Largest frame accepted, in bytes; at most the protocol's limit.
+    pub max_frame_len: u32,
+    /// How long a user whose last device disconnected still shows as online.
+    pub presence_grace_ms: u64,
+    /// Datagrams (typing) a connection may send per second, and in one burst.
+    pub datagrams_in_per_sec: u32,
+    pub datagrams_in_burst: u32,
+    /// Datagrams the server sends one connection per second, and in one burst.
+    pub datagrams_out_per_sec: u32,
+    pub datagrams_out_burst: u32,
+    /// A user's repeated typing in one conversation is relayed at most this often.
+    pub typing_relay_interval_ms: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let ephemeral = EphemeralLimits::default();
+        LimitsSection {
+            max_connections: defaults::MAX_CONNECTIONS,
+            handshake_timeout_ms: defaults::HANDSHAKE_TIMEOUT_MS,
+            auth_timeout_ms: defaults::AUTH_TIMEOUT_MS,
+            idle_timeout_ms: defaults::IDLE_TIMEOUT_MS,
+            max_frame_len: quip_protocol::limits::MAX_FRAME_LEN,
+            presence_grace_ms: ephemeral.presence_grace.as_millis() as u64,
+            datagrams_in_per_sec: ephemeral.datagrams_in_per_sec,
+            datagrams_in_burst: ephemeral.datagrams_in_burst,
+            datagrams_out_per_sec: ephemeral.datagrams_out_per_sec,
+            datagrams_out_burst: ephemeral.datagrams_out_burst,
+            typing_relay_interval_ms: ephemeral.typing_relay_interval.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json` (one object per line).
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `quipd=debug,info`, ...); `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            filter: defaults::LOG_FILTER.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// TCP address of the Prometheus endpoint (`/metrics`); off when absent.
+    pub listen: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+/// Command-line settings that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub cache_mb: Option<u64>,
+    pub log_json: bool,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a file; errors name the file, the line and the key.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse {
+                line, key, reason, ..
+            } => ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                key,
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, key) = e
+                .span()
+                .map_or((0, String::from("?")), |span| key_at(text, span.start));
+            ConfigError::Parse {
+                path: PathBuf::new(),
+                line,
+                key,
+                reason: e.message().trim().to_owned(),
+            }
+        })
+    }
+
+    /// The runtime configuration: the file, then the command line on top.
+    pub fn into_server_config(self, overrides: &Overrides) -> Result<ServerConfig, ConfigError> {
+        let listen = match overrides.listen {
+            Some(listen) => listen,
+            None => parse_addr("listen", &self.listen)?,
+        };
+        let metrics_listen = match (overrides.metrics_listen, &self.metrics.listen) {
+            (Some(addr), _) => Some(addr),
+            (None, Some(addr)) => Some(parse_addr("metrics.listen", addr)?),
+            (None, None) => None,
+        };
+        let tls = match (self.tls.cert, self.tls.key) {
+            (None, None) => TlsSource::DataDir,
+            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key",
+                    "tls.cert is set, so tls.key must be too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert",
+                    "tls.key is set, so tls.cert must be too",
+                ))
+            }
+        };
+        let limits = &self.limits;
+        let max_frame = quip_protocol::limits::MAX_FRAME_LEN;
+        if limits.max_frame_len < 1024 || limits.max_frame_len > max_frame {
+            return Err(invalid(
+                "limits.max_frame_len",
+                format!("must be between 1024 and {max_frame}"),
+            ));
+        }
+        if limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        let positive = |key: &'static str, ms: u64| {
+            if ms == 0 {
+                Err(invalid(key, "must be more than 0"))
+            } else {
+                Ok(Duration::from_millis(ms))
+            }
+        };
+        let cache_mb = overrides.cache_mb.unwrap_or(self.cache_mb);
+        if cache_mb == 0 {
+            return Err(invalid("cache_mb", "must be at least 1"));
+        }
+        let filter = self.log.filter.trim().to_owned();
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
+            return Err(invalid("log.filter", e.to_string()));
+        }
+        Ok(ServerConfig {
+            data_dir: overrides.data_dir.clone().unwrap_or(self.data_dir),
+            listen,
+            cache_bytes: cache_mb * 1024 * 1024,
+            limits: Limits {
+                handshake_timeout: positive(
+                    "limits.handshake_timeout_ms",
+                    limits.handshake_timeout_ms,
+                )?,
+                auth_timeout: positive("limits.auth_timeout_ms", limits.auth_timeout_ms)?,
+                max_frame_len: limits.max_frame_len,
+                ephemeral: EphemeralLimits {
+                    presence_grace: Duration::from_millis(limits.presence_grace_ms),
+                    datagrams_in_per_sec: limits.datagrams_in_per_sec,
+                    datagrams_in_burst: limits.datagrams_in_burst,
+                    datagrams_out_per_sec: limits.datagrams_out_per_sec,
+                    datagrams_out_burst: limits.datagrams_out_burst,
+                    typing_relay_interval: Duration::from_millis(limits.typing_relay_interval_ms),
+                },
+            },
+            max_connections: limits.max_connections,
+            idle_timeout: positive("limits.idle_timeout_ms", limits.idle_timeout_ms)?,
+            tls,
+            shutdown_timeout: positive("shutdown_timeout_ms", self.shutdown_timeout_ms)?,
+            metrics_listen,
+            log: LogConfig {
+                format: if overrides.log_json {
+                    LogFormat::Json
+                } else {
+                    self.log.format
+                },
+                filter,
+            },
+        })
+    }
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?} is not an IP address with a port (like \"127.0.0.1:4433\" or \"[::]:4433\")"),
+        )
+    })
+}
+
+/// The line number (1-based) and the dotted key at byte `offset` of a TOML text: the key on
+/// that line (or the table header's name), prefixed by the table it is in.
+fn key_at(text: &str, offset: usize) -> (usize, String) {
+    let offset = offset.min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    let mut table = String::new();
+    let mut key = String::new();
+    for (n, line) in text.lines().enumerate().take(line_no) {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let name = header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("");
+            table = name.trim().to_owned();
+            if n + 1 == line_no {
+                return (line_no, table);
+            }
+        } else if n + 1 == line_no {
+            key = line
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"')
+                .to_owned();
+        }
+    }
+    let key = match (table.is_empty(), key.is_empty()) {
+        (_, true) => table,
+        (true, false) => key,
+        (false, false) => format!("{table}.{key}"),
+    };
+    (line_no, key)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn server_config(text: &str) -> Result<ServerConfig, ConfigError> {
+        ConfigFile::parse(text)?.into_server_config(&Overrides::default())
+    }
+
+    fn error_key(text: &str) -> String {
+        let err = server_config(text).unwrap_err();
+        err.key().unwrap().to_owned()
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let file = ConfigFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                file.into_server_config(&Overrides::default())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no example config in {}", dir.display());
+    }
+
+    #[test]
+    fn the_example_sets_the_defaults_except_where_a_deployment_differs() {
+        // The example is the reference for operators: its values are the defaults, except the
+        // two a systemd deployment changes (their defaults are written in its comments).
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/quipd.toml");
+        let mut example = ConfigFile::load(&path).unwrap();
+        assert_eq!(example.data_dir, PathBuf::from("/var/lib/quipd"));
+        assert_eq!(example.listen, "[::]:4433");
+        let defaults = ConfigFile::default();
+        example.data_dir = defaults.data_dir.clone();
+        example.listen = defaults.listen.clone();
+        assert_eq!(example, defaults);
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        let config = server_config("").unwrap();
+        let expected = ServerConfig::new(defaults::DATA_DIR, defaults::LISTEN.parse().unwrap());
+        assert_eq!(config.listen, expected.listen);
+        assert_eq!(config.data_dir, expected.data_dir);
+        assert_eq!(config.cache_bytes, expected.cache_bytes);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.tls, TlsSource::DataDir);
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert_eq!(error_key("lissten = \"127.0.0.1:1\"\n"), "lissten");
+        assert_eq!(
+            error_key("[limits]\nmax_connections = 5\nauth_timeout = 5\n"),
+            "limits.auth_timeout"
+        );
+        assert_eq!(
+            error_key("[metric]\nlisten = \"127.0.0.1:9464\"\n"),
+            "metric"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_named_with_the_reason() {
+        let err = server_config("cache_mb = \"lots\"\n").unwrap_err();
+        assert_eq!(err.key(), Some("cache_mb"));
+        assert!(err.to_string().contains("line 1"), "{err}");
+        assert_eq!(
+            error_key("[limits]\nidle_timeout_ms = -1\n"),
+            "limits.idle_timeout_ms"
+        );
+        assert_eq!(error_key("[log]\nformat = \"xml\"\n"), "log.format");
+        assert_eq!(error_key("listen = \"localhost\"\n"), "listen");
+        assert_eq!(
+            error_key("[metrics]\nlisten = \"9464\"\n"),
+            "metrics.listen"
+        );
+        assert_eq!(error_key("[tls]\ncert = \"/x.pem\"\n"), "tls.key");
+        assert_eq!(
+            error_key("shutdown_timeout_ms = 0\n"),
+            "shutdown_timeout_ms"
+        );
+        assert_eq!(
+            error_key("[limits]\nmax_frame_len = 100000000\n"),
+            "limits.max_frame_len"
+        );
+        assert_eq!(error_key("[log]\nfilter = \"info,[\"\n"), "log.filter");
+        let err = server_config("listen = \"localhost\"\n").unwrap_err();
+        assert!(err.to_string().contains("not an IP address"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = ConfigFile::parse(
+            "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1\"\ncache_mb = 8\n\
+             [log]\nformat = \"text\"\n[metrics]\nlisten = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let same = file
+            .clone()
+            .into_server_config(&Overrides::default())
+            .unwrap();
+        assert_eq!(same.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(same.cache_bytes, 8 * 1024 * 1024);
+        let overrides = Overrides {
+            data_dir: Some("/from/flag".into()),
+            listen: Some("127.0.0.1:3".parse().unwrap()),
+            cache_mb: Some(16),
+            log_json: true,
+            metrics_listen: Some("127.0.0.1:4".parse().unwrap()),
+        };
+        let config = file.into_server_config(&overrides).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(config.listen, "127.0.0.1:3".parse().unwrap());
+        assert_eq!(config.cache_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:4".parse().unwrap()));
+    }
+}

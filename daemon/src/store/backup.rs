@@ -1,0 +1,438 @@
+//! Backups: a consistent copy of a running store in one file, and a new store made from one.
+//!
+//! Consistency without stopping writes. sled has no snapshots, and a plain scan racing the
+//! writer could copy a message id whose message it missed. But the store writer is the only
+//! writer, so between two of its group commits the store holds one consistent state. There the
+//! writer takes a [`Cut`]: each conversation's head seq, and a copy of every record outside the
+//! two append-only tables. Those two — `convseq_event` and `convmsgid_seq` — are never
+//! overwritten or removed (see `keys.rs`), so they are read afterwards, while writes go on,
+//! keeping only what is at or below the cut's heads. The result is exactly the store as it was
+//! at the cut; the pause is a copy of the small tables, not of the messages.
+//!
+//! A restored store gets a new epoch: it may lack what clients saw after the backup, so their
+//! cursors must not be trusted against it (they get `CursorReset`).
+//!
+//! File format, all integers big-endian:
+//!
+//! | part    | bytes                                                                   |
+//! |---------|-------------------------------------------------------------------------|
+//! | magic   | `QUIPBAK\x01`                                                           |
+//! | header  | len:u32, postcard [`Header`]                                            |
+//! | records | per record: `0x01`, key len:u32, key, value len:u32, value              |
+//! | trailer | `0x00`, record count:u64, SHA-256 of every byte before the trailer      |
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use quip_protocol::{ConversationId, Epoch, Seq};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{decode, keys, writer, StoreError, SCHEMA_VERSION};
+
+const MAGIC: &[u8; 8] = b"QUIPBAK\x01";
+const RECORD: u8 = 0x01;
+const END: u8 = 0x00;
+/// Longest key or value accepted from a file: bounds what a damaged length makes us allocate.
+const MAX_FIELD: u32 = 64 * 1024 * 1024;
+/// Records inserted per sled batch while restoring.
+const RESTORE_BATCH: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Io(String),
+    #[error("not a usable quip backup: {0}")]
+    Format(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> BackupError {
+    move |e| BackupError::Io(format!("{what}: {e}"))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    schema: u32,
+    epoch: [u8; 16],
+    taken_at_ms: u64,
+}
+
+/// The consistent point of a backup, taken by the store writer between two group commits.
+#[derive(Debug)]
+pub struct Cut {
+    /// Every record outside the append-only tables, as it was at the cut.
+    records: Vec<(sled::IVec, sled::IVec)>,
+    /// Each conversation's last seq at the cut.
+    heads: BTreeMap<ConversationId, Seq>,
+}
+
+impl Cut {
+    pub(super) fn take(tree: &sled::Tree) -> Result<Cut, StoreError> {
+        let mut records = Vec::new();
+        let mut heads = BTreeMap::new();
+        let before: &[u8] = &[keys::CONVSEQ_EVENT];
+        let after: &[u8] = &[keys::CONV_STATE];
+        for entry in tree.range(..before).chain(tree.range(after..)) {
+            let (key, value) = entry?;
+            if key.first() == Some(&keys::CONV_STATE) {
+                if let Some(conv) = keys::conversation_id(&key) {
+                    heads.insert(conv, head(tree, conv)?);
+                }
+            }
+            records.push((key, value));
+        }
+        Ok(Cut { records, heads })
+    }
+}
+
+fn head(tree: &sled::Tree, conv: ConversationId) -> Result<Seq, StoreError> {
+    let prefix = &keys::event(conv, Seq::ZERO)[..9];
+    let last = tree.scan_prefix(prefix).next_back().transpose()?;
+    Ok(last
+        .and_then(|(key, _)| keys::event_seq(&key))
+        .unwrap_or(Seq::ZERO))
+}
+
+/// What a backup holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    pub epoch: Epoch,
+    pub records: u64,
+    pub conversations: u64,
+    /// Messages and membership changes.
+    pub events: u64,
+}
+
+/// A store's state at a cut, ready to be written out.
+#[derive(Debug)]
+pub struct Snapshot {
+    tree: sled::Tree,
+    epoch: Epoch,
+    cut: Cut,
+    taken_at_ms: u64,
+}
+
+impl Snapshot {
+    pub(super) fn new(tree: sled::Tree, epoch: Epoch, cut: Cut) -> Snapshot {
+        Snapshot {
+            tree,
+            epoch,
+            cut,
+            taken_at_ms: crate::conversation::now_ms(),
+        }
+    }
+
+    /// Each conversation's head at the cut.
+    pub fn heads(&self) -> &BTreeMap<ConversationId, Seq> {
+        &self.cut.heads
+    }
+
+    /// Writes the backup file format to `out`. Blocking: run it off the async runtime.
+    pub fn write_to(&self, out: impl Write) -> Result<BackupSummary, BackupError> {
+        let mut out = HashingWriter {
+            inner: BufWriter::with_capacity(256 * 1024, out),
+            hash: Sha256::new(),
+        };
+        let header = Header {
+            schema: SCHEMA_VERSION,
+            epoch: self.epoch.0,
+            taken_at_ms: self.taken_at_ms,
+        };
+        let header = postcard::to_stdvec(&header)
+            .map_err(|e| BackupError::Format(format!("encoding the header: {e}")))?;
+        out.write_all(MAGIC).map_err(io("writing the backup"))?;
+        write_field(&mut out, &header)?;
+        let mut records = 0u64;
+        let mut events = 0u64;
+        let mut put = |out: &mut HashingWriter<_>, key: &[u8], value: &[u8]| {
+            records += 1;
+            out.write_all(&[RECORD]).map_err(io("writing the backup"))?;
+            write_field(out, key)?;
+            write_field(out, value)
+        };
+        for (key, value) in &self.cut.records {
+            put(&mut out, key, value)?;
+        }
+        for (&conv, &head) in &self.cut.heads {
+            if head == Seq::ZERO {
+                continue;
+            }
+            let range = keys::event(conv, Seq(1))..=keys::event(conv, head);
+            for entry in self.tree.range(range) {
+                let (key, value) = entry.map_err(StoreError::from)?;
+                events += 1;
+                put(&mut out, &key, &value)?;
+            }
+        }
+        for entry in self.tree.scan_prefix([keys::CONVMSGID_SEQ]) {
+            let (key, value) = entry.map_err(StoreError::from)?;
+            let Some(head) = keys::conversation_id(&key).and_then(|c| self.cut.heads.get(&c))
+            else {
+                continue;
+            };
+            if decode::<u64>(&value)? <= head.0 {
+                put(&mut out, &key, &value)?;
+            }
+        }
+        out.write_all(&[END]).map_err(io("writing the backup"))?;
+        out.write_all(&records.to_be_bytes())
+            .map_err(io("writing the backup"))?;
+        let digest = out.hash.clone().finalize();
+        out.inner
+            .write_all(&digest)
+            .and_then(|()| out.inner.flush())
+            .map_err(io("writing the backup"))?;
+        Ok(BackupSummary {
+            epoch: self.epoch,
+            records,
+            conversations: self.cut.heads.len() as u64,
+            events,
+        })
+    }
+}
+
+fn write_field(out: &mut impl Write, bytes: &[u8]) -> Result<(), BackupError> {
+    let len = u32::try_from(bytes.len())
+        .ok()
+        .filter(|len| *len <= MAX_FIELD)
+        .ok_or_else(|| BackupError::Format(format!("a record of {} bytes", bytes.len())))?;
+    out.write_all(&len.to_be_bytes())
+        .and_then(|()| out.write_all(bytes))
+        .map_err(io("writing the backup"))
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct HashingReader<R: Read> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn exact<const N: usize>(&mut self) -> Result<[u8; N], BackupError> {
+        let mut buf = [0u8; N];
+        self.fill(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), BackupError> {
+        self.inner.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                BackupError::Format("the file is truncated".into())
+            }
+            _ => BackupError::Io(format!("reading the backup: {e}")),
+        })?;
+        self.hash.update(&*buf);
+        Ok(())
+    }
+
+    fn field(&mut self) -> Result<Vec<u8>, BackupError> {
+        let len = u32::from_be_bytes(self.exact()?);
+        if len > MAX_FIELD {
+            return Err(BackupError::Format(format!("a record claims {len} bytes")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.fill(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// Reads a backup file, handing each record to `each`; fails unless the whole file is intact.
+fn read_backup(
+    path: &Path,
+    mut each: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), BackupError>,
+) -> Result<Header, BackupError> {
+    let file = File::open(path).map_err(io(path.display()))?;
+    let mut input = HashingReader {
+        inner: BufReader::with_capacity(256 * 1024, file),
+        hash: Sha256::new(),
+    };
+    if &input.exact::<8>()? != MAGIC {
+        return Err(BackupError::Format(format!(
+            "{} does not start like a quip backup",
+            path.display()
+        )));
+    }
+    let header: Header = postcard::from_bytes(&input.field()?)
+        .map_err(|e| BackupError::Format(format!("header: {e}")))?;
+    if header.schema != SCHEMA_VERSION {
+        return Err(BackupError::Format(format!(
+            "store schema {} (this quipd reads {SCHEMA_VERSION})",
+            header.schema
+        )));
+    }
+    let mut records = 0u64;
+    loop {
+        match input.exact::<1>()?[0] {
+            RECORD => {
+                let key = input.field()?;
+                let value = input.field()?;
+                records += 1;
+                each(key, value)?;
+            }
+            END => break,
+            other => return Err(BackupError::Format(format!("unknown record tag {other}"))),
+        }
+    }
+    let count = u64::from_be_bytes(input.exact()?);
+    let expected = input.hash.clone().finalize();
+    let mut digest = [0u8; 32];
+    input
+        .inner
+        .read_exact(&mut digest)
+        .map_err(|_| BackupError::Format("the file is truncated".into()))?;
+    if count != records || digest[..] != expected[..] {
+        return Err(BackupError::Format(
+            "the checksum does not match: the file is damaged".into(),
+        ));
+    }
+    let mut rest = [0u8; 1];
+    if input.inner.read(&mut rest).map_err(io(path.display()))? != 0 {
+        return Err(BackupError::Format("bytes after the end".into()));
+    }
+    Ok(header)
+}
+
+/// What a restore made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSummary {
+    /// The epoch of the store the backup was taken from.
+    pub backup_epoch: Epoch,
+    /// The restored store's epoch: always a new one.
+    pub epoch: Epoch,
+    pub taken_at_ms: u64,
+    pub records: u64,
+    pub events: u64,
+}
+
+/// Makes a new store at `store_dir` (which must not exist, or be empty) from a backup file.
+/// The file is checked whole before anything is written; the new store gets a new epoch.
+pub fn restore(backup: &Path, store_dir: &Path) -> Result<RestoreSummary, BackupError> {
+    let occupied = std::fs::read_dir(store_dir)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    if occupied {
+        return Err(BackupError::Io(format!(
+            "{} is not empty: restore makes a new store and never overwrites one",
+            store_dir.display()
+        )));
+    }
+    read_backup(backup, |_, _| Ok(()))?;
+
+    std::fs::create_dir_all(store_dir).map_err(io(store_dir.display()))?;
+    let db = sled::Config::new()
+        .path(store_dir)
+        .flush_every_ms(None)
+        .open()
+        .map_err(StoreError::from)?;
+    let tree = db.open_tree("quip").map_err(StoreError::from)?;
+    let mut batch = sled::Batch::default();
+    let mut pending = 0;
+    let mut records = 0u64;
+    let mut events = 0u64;
+    let header = read_backup(backup, |key, value| {
+        if key == keys::META_EPOCH {
+            return Ok(());
+        }
+        if key.first() == Some(&keys::CONVSEQ_EVENT) {
+            events += 1;
+        }
+        records += 1;
+        batch.insert(key, value);
+        pending += 1;
+        if pending == RESTORE_BATCH {
+            tree.apply_batch(std::mem::take(&mut batch))
+                .map_err(StoreError::from)?;
+            pending = 0;
+        }
+        Ok(())
+    })?;
+    let epoch = Epoch(rand::random());
+    batch.insert(keys::META_EPOCH, &epoch.0);
+    batch.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+    tree.apply_batch(batch).map_err(StoreError::from)?;
+    db.flush().map_err(StoreError::from)?;
+    writer::Durability::open(store_dir, Arc::default())?.sync()?;
+    Ok(RestoreSummary {
+        backup_epoch: Epoch(header.epoch),
+        epoch,
+        taken_at_ms: header.taken_at_ms,
+        records,
+        events,
+    })
+}
+
+/// Writes a snapshot to a new file: a temporary name first, fsync'd, then renamed, so that a
+/// file at `path` is always a complete backup. Mode 0600: it holds user names and token hashes.
+pub fn write_file(snapshot: &Snapshot, path: &Path) -> Result<BackupSummary, BackupError> {
+    write_file_with(path, |file| snapshot.write_to(file))
+}
+
+/// Creates `path` through a temporary file, as [`write_file`] does, with `fill` writing it.
+pub fn write_file_with<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> Result<T, BackupError>,
+) -> Result<T, BackupError> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&partial).map_err(io(partial.display()))?;
+    let result = fill(&mut file).and_then(|summary| {
+        file.sync_all().map_err(io(partial.display()))?;
+        std::fs::rename(&partial, path).map_err(io(path.display()))?;
+        Ok(summary)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+/// Checks a backup file whole and says what it holds, without restoring it.
+pub fn inspect(path: &Path) -> Result<BackupSummary, BackupError> {
+    let mut records = 0u64;
+    let mut events = 0u64;
+    let mut conversations = 0u64;
+    let header = read_backup(path, |key, _| {
+        records += 1;
+        match key.first() {
+            Some(&keys::CONVSEQ_EVENT) => events += 1,
+            Some(&keys::CONV_STATE) => conversations += 1,
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(BackupSummary {
+        epoch: Epoch(header.epoch),
+        records,
+        conversations,
+        events,
+    })
+}
