@@ -778,6 +778,7 @@ async fn establish(
         let hello = ClientFrame::Hello {
             token: config.token.clone(),
             client: config.client_name.clone(),
+            revision: quip_protocol::REVISION,
         };
         let bytes = encode_frame(&hello, limits::MAX_FRAME_LEN)
             .map_err(|e| ClientError::Config(format!("token too long: {e}")))?;
@@ -1100,7 +1101,8 @@ async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
         };
         // Decide under the lock, deliver outside it.
         let (route, delivered, last) = {
-            let mut state = lock(&shared.state);
+            let mut guard = lock(&shared.state);
+            let state = &mut *guard;
             let Some(follow) = state
                 .follows
                 .get_mut(&conv)
@@ -1129,8 +1131,24 @@ async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
                     Delivered::Lost(ClientError::Protocol("Start sent twice".into())),
                     true,
                 ),
+                // The server finished the stream without saying why (its delivery task stopped):
+                // follow the conversation again from the cursor, on this connection if it is up.
+                Ok(None) => {
+                    follow.stream = None;
+                    if let (Link::Up(session), Some(seq)) = (&state.link, follow.cursor.at) {
+                        let start = StartAt::After(Position {
+                            epoch: follow.epoch,
+                            seq,
+                        });
+                        let _ = session.outgoing.send(Outgoing {
+                            request: Request::Subscribe { conv, start },
+                            reply: ReplyTo::Subscribe(conv),
+                        });
+                    }
+                    return;
+                }
                 // The connection broke: the next connection resumes this conversation.
-                Ok(None) | Err(_) => return,
+                Err(_) => return,
             }
         };
         if last {

@@ -40,16 +40,17 @@ pub struct Delivery {
 enum DeliveryError {
     #[error("stream closed by the client: {0}")]
     Write(#[from] quinn::WriteError),
-    #[error("opening the stream: {0}")]
-    Open(#[from] quinn::ConnectionError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Why the stream ended, for its `End` frame.
+/// Why delivery stopped.
 enum Ended {
+    /// The user was removed from the conversation: told with `End { NOT_FOUND }`.
     Removed,
+    /// The client unsubscribed (or its session ended): the stream just finishes.
     Unsubscribed,
+    /// The conversation's actor stopped: told with `End { UNAVAILABLE }`.
     ConversationClosed,
 }
 
@@ -57,60 +58,56 @@ impl Delivery {
     /// Runs until the client unsubscribes (`stop`), the user is removed, or the stream fails.
     pub async fn run(self, conn: quinn::Connection, stop: oneshot::Receiver<()>) {
         let conv = self.conv;
-        if let Err(e) = self.deliver(conn, stop).await {
-            tracing::debug!(conv = conv.0, error = %e, "delivery stopped");
-        }
-    }
-
-    async fn deliver(
-        self,
-        conn: quinn::Connection,
-        mut stop: oneshot::Receiver<()>,
-    ) -> Result<(), DeliveryError> {
-        let Subscription { mut live, head } = self.subscription;
+        let Subscription { live, head } = self.subscription;
+        let stream = match conn.open_uni().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(conv = conv.0, error = %e, "could not open a delivery stream");
+                return;
+            }
+        };
         let mut cursor = Cursor {
-            stream: conn.open_uni().await?,
+            stream,
             out: Vec::with_capacity(WRITE_BATCH_BYTES),
             at: self.after,
             joined: head,
             user: self.user,
-            conv: self.conv,
+            conv,
             store: self.store,
             max_frame_len: self.max_frame_len,
+            stop,
         };
         cursor.push(&DeliveryFrame::Start {
-            conv: self.conv,
+            conv,
             epoch: self.epoch,
         });
-        let mut ended = cursor.replay(head).await?;
-        while ended.is_none() {
-            cursor.flush().await?;
-            let next = tokio::select! {
-                _ = &mut stop => { ended = Some(Ended::Unsubscribed); break; }
-                next = live.recv() => next,
-            };
-            ended = match next {
-                Ok(event) => cursor.on_live(event, &mut live).await?,
-                // Missed events are read from the store when the next one arrives.
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    metrics::counter!(crate::metrics::DELIVERY_LAGGED).increment(1);
-                    metrics::counter!(crate::metrics::DELIVERY_LAGGED_EVENTS).increment(missed);
-                    None
-                }
-                Err(broadcast::error::RecvError::Closed) => Some(Ended::ConversationClosed),
-            };
-        }
-        let error = match ended {
-            Some(Ended::Removed) => ErrorBody::new(ErrorCode::NOT_FOUND, "you were removed"),
-            Some(Ended::ConversationClosed) => {
-                ErrorBody::new(ErrorCode::GOING_AWAY, "the server is shutting down")
+        let end = match cursor.deliver(live, head).await {
+            Ok(Ended::Unsubscribed) => None,
+            Ok(Ended::Removed) => Some(ErrorBody::new(ErrorCode::NOT_FOUND, "you were removed")),
+            Ok(Ended::ConversationClosed) => Some(ErrorBody::new(
+                ErrorCode::UNAVAILABLE,
+                "the conversation stopped; subscribe again",
+            )),
+            Err(DeliveryError::Store(e)) => {
+                tracing::error!(conv = conv.0, error = %e, "delivery failed");
+                Some(ErrorBody {
+                    code: ErrorCode::UNAVAILABLE,
+                    message: "the server cannot read this conversation right now".into(),
+                    retry_after_ms: Some(1000),
+                })
             }
-            _ => ErrorBody::new(ErrorCode::NOT_FOUND, "unsubscribed"),
+            // The client stopped the stream or the connection is gone: nobody to tell.
+            Err(e) => {
+                tracing::debug!(conv = conv.0, error = %e, "delivery stopped");
+                return;
+            }
         };
-        cursor.push(&DeliveryFrame::End { error });
-        cursor.flush().await?;
-        let _ = cursor.stream.finish();
-        Ok(())
+        if let Some(error) = end {
+            cursor.push(&DeliveryFrame::End { error });
+        }
+        if cursor.flush().await.is_ok() {
+            let _ = cursor.stream.finish();
+        }
     }
 }
 
@@ -128,9 +125,51 @@ struct Cursor {
     conv: ConversationId,
     store: Store,
     max_frame_len: u32,
+    /// Resolves (or is dropped) when the client unsubscribes or its session ends.
+    stop: oneshot::Receiver<()>,
 }
 
 impl Cursor {
+    /// Replays up to `head`, then follows the live feed until delivery ends.
+    async fn deliver(
+        &mut self,
+        mut live: broadcast::Receiver<Arc<Event>>,
+        head: Seq,
+    ) -> Result<Ended, DeliveryError> {
+        if let Some(ended) = self.replay(head).await? {
+            return Ok(ended);
+        }
+        loop {
+            self.flush().await?;
+            let next = tokio::select! {
+                _ = &mut self.stop => return Ok(Ended::Unsubscribed),
+                next = live.recv() => next,
+            };
+            let ended = match next {
+                Ok(event) => self.on_live(event, &mut live).await?,
+                // Missed events are read from the store when the next one arrives.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!(crate::metrics::DELIVERY_LAGGED).increment(1);
+                    metrics::counter!(crate::metrics::DELIVERY_LAGGED_EVENTS).increment(missed);
+                    None
+                }
+                Err(broadcast::error::RecvError::Closed) => Some(Ended::ConversationClosed),
+            };
+            if let Some(ended) = ended {
+                return Ok(ended);
+            }
+        }
+    }
+
+    /// Whether the client unsubscribed (checked between replay pages, so a long replay stops
+    /// promptly).
+    fn stopped(&mut self) -> bool {
+        !matches!(
+            self.stop.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        )
+    }
+
     fn push(&mut self, frame: &DeliveryFrame) {
         push_frame(&mut self.out, frame, self.max_frame_len);
     }
@@ -143,20 +182,27 @@ impl Cursor {
         Ok(())
     }
 
-    /// Encodes `event` if it is the next one; says whether it ends delivery.
-    fn write(&mut self, event: &Event) -> Option<Ended> {
+    /// Encodes `event` if it is the next one; says whether it ends delivery. A seq that is not
+    /// the next one is a broken store, never skipped.
+    fn write(&mut self, event: &Event) -> Result<Option<Ended>, DeliveryError> {
         if event.seq <= self.at {
-            return None;
+            return Ok(None);
         }
-        debug_assert_eq!(event.seq, self.at.next(), "delivery must not skip a seq");
+        if event.seq != self.at.next() {
+            return Err(StoreError::Corrupt(format!(
+                "conversation {}: seq {} follows {}",
+                self.conv, event.seq, self.at
+            ))
+            .into());
+        }
         self.push(&DeliveryFrame::Event(event.clone()));
         self.at = event.seq;
-        match &event.body {
+        Ok(match &event.body {
             EventBody::MemberRemoved { user } if *user == self.user && event.seq > self.joined => {
                 Some(Ended::Removed)
             }
             _ => None,
-        }
+        })
     }
 
     /// Writes every stored event after the cursor up to `until`, page by page.
@@ -165,6 +211,9 @@ impl Cursor {
             metrics::counter!(crate::metrics::REPLAYS).increment(1);
         }
         while self.at < until {
+            if self.stopped() {
+                return Ok(Some(Ended::Unsubscribed));
+            }
             let want = (until.0 - self.at.0).min(REPLAY_PAGE as u64) as usize;
             let page = self.store.events_after(self.conv, self.at, want)?;
             if page.is_empty() {
@@ -177,7 +226,7 @@ impl Cursor {
             }
             metrics::counter!(crate::metrics::REPLAYED_EVENTS).increment(page.len() as u64);
             for event in &page {
-                if let Some(ended) = self.write(event) {
+                if let Some(ended) = self.write(event)? {
                     return Ok(Some(ended));
                 }
             }
@@ -199,7 +248,7 @@ impl Cursor {
                     return Ok(Some(ended));
                 }
             }
-            if let Some(ended) = self.write(&event) {
+            if let Some(ended) = self.write(&event)? {
                 return Ok(Some(ended));
             }
             if self.out.len() >= WRITE_BATCH_BYTES {

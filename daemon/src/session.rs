@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use quip_protocol::{
-    decode_datagram, ClientDatagram, ClientFrame, ConversationId, ConversationSummary, ErrorBody,
-    ErrorCode, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
+    decode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ConversationId,
+    ConversationSummary, ErrorBody, ErrorCode, Event, Request, RequestId, Response, Seq,
+    ServerFrame, StartAt, UserName,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -105,11 +106,20 @@ pub async fn serve(
 /// Closes the connection with an error's code as the QUIC application error code.
 fn close(conn: &quinn::Connection, error: &ErrorBody) {
     crate::metrics::connection_error(error.code);
-    let reason = error.message.as_bytes();
+    let reason = truncate(&error.message, 256);
     conn.close(
         quinn::VarInt::from(u32::from(error.code.0)),
-        &reason[..reason.len().min(256)],
+        reason.as_bytes(),
     );
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Accepts the control stream, checks `Hello` and answers `Welcome`.
@@ -133,8 +143,12 @@ async fn authenticate(
         .map_err(|_| {
             ErrorBody::new(ErrorCode::AUTH_TIMEOUT, "no Hello within the time allowed")
         })??;
-    let token = match hello {
-        Some(ClientFrame::Hello { token, .. }) => token,
+    let (token, client, revision) = match hello {
+        Some(ClientFrame::Hello {
+            token,
+            client,
+            revision,
+        }) => (token, client, revision),
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::PROTOCOL_VIOLATION,
@@ -142,6 +156,15 @@ async fn authenticate(
             ))
         }
     };
+    if revision == 0 {
+        return Err(ErrorBody::new(
+            ErrorCode::PROTOCOL_VIOLATION,
+            "revision 0 does not exist; the first revision is 1",
+        ));
+    }
+    // Every variant this server sends exists in revision 1, so no filtering is needed yet; a
+    // later revision filters what it sends by `revision`.
+    let revision = revision.min(quip_protocol::REVISION);
     let user = shared
         .accounts
         .authenticate(&token)
@@ -152,8 +175,10 @@ async fn authenticate(
         user: user.clone(),
         epoch: shared.store.epoch(),
         server: concat!("quipd/", env!("CARGO_PKG_VERSION")).into(),
+        revision,
     };
     control.send(welcome).await;
+    tracing::debug!(%user, client = %truncate(&client, limits::MAX_CLIENT_NAME_LEN), revision, "hello");
     Ok((user, control))
 }
 
@@ -177,10 +202,10 @@ impl Control {
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
             while let Some(frame) = queue.recv().await {
-                push_frame(&mut buf, &frame, max_frame_len);
+                push_server_frame(&mut buf, frame, max_frame_len);
                 while buf.len() < 64 * 1024 {
                     match queue.try_recv() {
-                        Ok(frame) => push_frame(&mut buf, &frame, max_frame_len),
+                        Ok(frame) => push_server_frame(&mut buf, frame, max_frame_len),
                         Err(_) => break,
                     }
                 }
@@ -240,7 +265,13 @@ impl Session {
     ) -> Result<(), ErrorBody> {
         let mut replies: FuturesUnordered<Reply> = FuturesUnordered::new();
         let mut datagrams_open = true;
+        // False once the client finished its side of the control stream: no more requests, but
+        // the answers it is owed are still written.
+        let mut reading = true;
         let result = loop {
+            if !reading && replies.is_empty() {
+                break Ok(());
+            }
             tokio::select! {
                 // Priorities: shutdown, then answers (they free memory), then new requests, then
                 // datagrams: typing is perishable and must never hold up a message.
@@ -255,7 +286,7 @@ impl Session {
                 }
                 Some(reply) = replies.next(), if !replies.is_empty() => control.send(reply).await,
                 _ = self.deliveries.join_next(), if !self.deliveries.is_empty() => {}
-                frame = control.reader.next::<ClientFrame>(), if replies.len() < MAX_PENDING_REQUESTS => {
+                frame = control.reader.next::<ClientFrame>(), if reading && replies.len() < MAX_PENDING_REQUESTS => {
                     match frame {
                         Ok(Some(ClientFrame::Request { id, request })) => {
                             let reply = self.dispatch(id, request).await;
@@ -265,7 +296,7 @@ impl Session {
                             ErrorCode::PROTOCOL_VIOLATION,
                             "Hello sent twice",
                         )),
-                        Ok(None) => break Ok(()),
+                        Ok(None) => reading = false,
                         Err(ReadError::Stream(_)) => break Ok(()),
                         Err(e) => break Err(read_error(e)),
                     }
@@ -286,9 +317,7 @@ impl Session {
         }
         // Answers still owed are dropped with the connection; the client retries them.
         self.deliveries.shutdown().await;
-        if result.is_err() {
-            control.finish().await;
-        }
+        control.finish().await;
         result
     }
 
@@ -361,6 +390,7 @@ impl Session {
             } => {
                 let handle = self.handle(conv);
                 let store = self.shared.store.clone();
+                let max_frame_len = self.shared.limits.max_frame_len;
                 reply(id, async move {
                     let view = handle?.view(user).await?;
                     // Only durable events are shown: cap the page at the durable head.
@@ -368,6 +398,7 @@ impl Session {
                     let events = store
                         .events_before(conv, before, limit as usize)
                         .map_err(store_error)?;
+                    let events = newest_that_fit(events, max_frame_len);
                     Ok(Response::History {
                         conv,
                         events,
@@ -503,6 +534,45 @@ impl Session {
         self.handles.insert(conv, handle.clone());
         Ok(handle)
     }
+}
+
+/// Encodes a control-stream frame into `buf`. An answer too large for one frame (a listing of
+/// very many conversations) becomes an error answer, so the request is never left unanswered.
+fn push_server_frame(buf: &mut Vec<u8>, frame: ServerFrame, max_frame_len: u32) {
+    match encode_frame(&frame, max_frame_len) {
+        Ok(bytes) => buf.extend_from_slice(&bytes),
+        Err(e) => {
+            let ServerFrame::Reply { id, .. } = frame else {
+                tracing::error!(error = %e, "dropping a control frame that cannot be encoded");
+                return;
+            };
+            tracing::warn!(error = %e, "answer too large for one frame");
+            let error = ErrorBody::new(
+                ErrorCode::LIMIT_EXCEEDED,
+                format!("the answer does not fit in one frame ({e})"),
+            );
+            push_frame(buf, &ServerFrame::Error { id, error }, max_frame_len);
+        }
+    }
+}
+
+/// The newest events of a history page that fit in one frame: a page of large messages comes
+/// back shorter than asked, and the client pages on from its first seq.
+fn newest_that_fit(mut events: Vec<Event>, max_frame_len: u32) -> Vec<Event> {
+    // What the reply needs besides the events: frame variant, request id, conv, head, count.
+    const REPLY_OVERHEAD: usize = 64;
+    let budget = (max_frame_len as usize).saturating_sub(REPLY_OVERHEAD);
+    let mut used = 0;
+    let mut keep = 0;
+    for event in events.iter().rev() {
+        used += postcard::experimental::serialized_size(event).unwrap_or(usize::MAX / 2);
+        if used > budget {
+            break;
+        }
+        keep += 1;
+    }
+    events.drain(..events.len() - keep);
+    events
 }
 
 /// Resolves once the server starts shutting down.

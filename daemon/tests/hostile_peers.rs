@@ -178,6 +178,7 @@ async fn bad_tokens_close_with_unauthenticated() {
         let hello = frame(&ClientFrame::Hello {
             token: token.to_owned(),
             client: "hostile".into(),
+            revision: quip_protocol::REVISION,
         });
         let closed = daemon.close_code_after(&hello).await;
         assert_eq!(
@@ -211,6 +212,7 @@ async fn garbage_frames_after_login_close_only_that_connection() {
     let mut bytes = frame(&ClientFrame::Hello {
         token: daemon.token.clone(),
         client: "hostile".into(),
+        revision: quip_protocol::REVISION,
     });
     bytes.extend_from_slice(&[0, 0, 0, 3, 0x01, 0x01, 0x63]);
     let closed = daemon.close_code_after(&bytes).await;

@@ -105,6 +105,7 @@ impl Daemon {
         let hello = ClientFrame::Hello {
             token: token.into(),
             client: "raw".into(),
+            revision: quip_protocol::REVISION,
         };
         send.write_all(&encode_frame(&hello, u32::MAX).unwrap())
             .await

@@ -20,6 +20,8 @@ pub enum ClientFrame {
         token: String,
         /// Free text naming the client software, for the server's logs.
         client: String,
+        /// The highest protocol revision the client understands (see [`crate::REVISION`]).
+        revision: u16,
     },
     Request {
         id: RequestId,
@@ -108,6 +110,9 @@ pub enum ServerFrame {
         epoch: Epoch,
         /// Free text naming the server software.
         server: String,
+        /// The revision the session uses: the lower of the client's and the server's. Neither
+        /// side sends a variant introduced after it.
+        revision: u16,
     },
     Reply {
         id: RequestId,
@@ -229,6 +234,12 @@ pub enum EventBody {
     },
     MemberRemoved {
         user: UserName,
+    },
+    /// An event of a kind introduced in a later revision than the session's, sent in its
+    /// place so that the seq is still delivered: the client counts it and shows nothing.
+    Unsupported {
+        /// The variant index the event has in the revision that introduced it.
+        kind: u32,
     },
 }
 

@@ -29,3 +29,10 @@ pub use ids::{ClientMessageId, ConversationId, Epoch, RequestId, Seq, UserName};
 /// The ALPN protocol id of this version. Carried in the TLS handshake; a server and a client that
 /// share no ALPN value do not connect at all.
 pub const ALPN: &[u8] = b"quip/1";
+
+/// The protocol revision this crate speaks within `quip/1`. A revision only appends enum
+/// variants (frames, requests, events, datagrams). The client states its revision in `Hello`
+/// and the server answers with the revision of the session in `Welcome`; neither side sends a
+/// variant the session's revision does not have, so an older peer never meets an unknown
+/// variant. Anything that is not an append is a new ALPN.
+pub const REVISION: u16 = 1;

@@ -177,6 +177,7 @@ fn event_body() -> BoxedStrategy<EventBody> {
         (text(), user_names()).prop_map(|(title, members)| EventBody::Created { title, members }),
         user_name().prop_map(|user| EventBody::MemberAdded { user }),
         user_name().prop_map(|user| EventBody::MemberRemoved { user }),
+        any::<u32>().prop_map(|kind| EventBody::Unsupported { kind }),
     ]
     .boxed()
 }
@@ -259,7 +260,11 @@ fn response() -> BoxedStrategy<Response> {
 
 fn client_frame() -> BoxedStrategy<ClientFrame> {
     prop_oneof![
-        1 => (text(), text()).prop_map(|(token, client)| ClientFrame::Hello { token, client }),
+        1 => (text(), text(), any::<u16>()).prop_map(|(token, client, revision)| ClientFrame::Hello {
+            token,
+            client,
+            revision,
+        }),
         4 => (request_id(), request()).prop_map(|(id, request)| ClientFrame::Request { id, request }),
     ]
     .boxed()
@@ -267,8 +272,13 @@ fn client_frame() -> BoxedStrategy<ClientFrame> {
 
 fn server_frame() -> BoxedStrategy<ServerFrame> {
     prop_oneof![
-        1 => (user_name(), epoch(), text())
-            .prop_map(|(user, epoch, server)| ServerFrame::Welcome { user, epoch, server }),
+        1 => (user_name(), epoch(), text(), any::<u16>())
+            .prop_map(|(user, epoch, server, revision)| ServerFrame::Welcome {
+                user,
+                epoch,
+                server,
+                revision,
+            }),
         4 => (request_id(), response()).prop_map(|(id, response)| ServerFrame::Reply { id, response }),
         2 => (request_id(), error_body()).prop_map(|(id, error)| ServerFrame::Error { id, error }),
         1 => error_body().prop_map(|error| ServerFrame::Closing { error }),
@@ -357,6 +367,7 @@ fn event_body_variant(v: &EventBody) -> usize {
         EventBody::Created { .. } => 1,
         EventBody::MemberAdded { .. } => 2,
         EventBody::MemberRemoved { .. } => 3,
+        EventBody::Unsupported { .. } => 4,
     }
 }
 
@@ -390,7 +401,7 @@ fn strategies_generate_every_variant() {
     assert_covers_all_variants("ServerFrame", server_frame(), server_frame_variant, 4);
     assert_covers_all_variants("Response", response(), response_variant, 10);
     assert_covers_all_variants("DeliveryFrame", delivery_frame(), delivery_frame_variant, 3);
-    assert_covers_all_variants("EventBody", event_body(), event_body_variant, 4);
+    assert_covers_all_variants("EventBody", event_body(), event_body_variant, 5);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -755,13 +766,15 @@ proptest! {
 // 4. Over-long frames
 // ------------------------------------------------------------------------------------------------
 
-/// A `Hello` whose body is exactly `body_len` bytes, for `body_len` from 2^14 + 5 to 2^21 + 4:
-/// variant 00, token as a 3-byte varint length and `body_len - 5` bytes, client as 00 (empty).
+/// A `Hello` whose body is exactly `body_len` bytes, for `body_len` from 2^14 + 6 to 2^21 + 5:
+/// variant 00, token as a 3-byte varint length and `body_len - 6` bytes, client as 00 (empty),
+/// revision 01.
 fn hello_with_body_len(body_len: usize) -> ClientFrame {
-    assert!(((1 << 14) + 5..(1 << 21) + 5).contains(&body_len));
+    assert!(((1 << 14) + 6..(1 << 21) + 6).contains(&body_len));
     ClientFrame::Hello {
-        token: "t".repeat(body_len - 5),
+        token: "t".repeat(body_len - 6),
         client: String::new(),
+        revision: quip_protocol::REVISION,
     }
 }
 
@@ -813,6 +826,7 @@ fn over_long_prefix_after_a_good_frame_is_rejected_after_that_frame() {
     let hello = ClientFrame::Hello {
         token: "tok".into(),
         client: "c".into(),
+        revision: quip_protocol::REVISION,
     };
     let mut stream = encode(&hello);
     stream.extend_from_slice(&prefix(MAX_FRAME_LEN + 1));
@@ -870,6 +884,7 @@ fn small_limits_are_exact_on_both_sides() {
     let frame = ClientFrame::Hello {
         token: "tok".into(),
         client: "quip-cli/0.1".into(),
+        revision: quip_protocol::REVISION,
     };
     let bytes = encode(&frame);
     let body_len = (bytes.len() - LENGTH_PREFIX_LEN) as u32; // 18
@@ -979,8 +994,8 @@ fn unknown_variant_index_is_malformed() {
     assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x03, 0x01, 0x03], unknown_variant());
     // Response 10 (one past AwaySet) inside ServerFrame::Reply { id: 7 }.
     assert_rejected::<ServerFrame>(&[0x01, 0x07, 0x0a], unknown_variant());
-    // DeliveryFrame::Event { seq 1, sender "a", at_ms 0, body: EventBody 4 (one past MemberRemoved) }.
-    assert_rejected::<DeliveryFrame>(&[0x01, 0x01, 0x01, b'a', 0x00, 0x04], unknown_variant());
+    // DeliveryFrame::Event { seq 1, sender "a", at_ms 0, body: EventBody 5 (one past Unsupported) }.
+    assert_rejected::<DeliveryFrame>(&[0x01, 0x01, 0x01, b'a', 0x00, 0x05], unknown_variant());
 }
 
 #[test]
@@ -1011,6 +1026,7 @@ fn trailing_bytes_after_a_valid_value_are_rejected() {
     let hello = encode(&ClientFrame::Hello {
         token: "tok".into(),
         client: "quip-cli/0.1".into(),
+        revision: quip_protocol::REVISION,
     });
     let mut body = hello[LENGTH_PREFIX_LEN..].to_vec();
     body.push(0x00);
@@ -1141,12 +1157,14 @@ fn golden_client_hello() {
         &ClientFrame::Hello {
             token: "tok".into(),
             client: "quip-cli/0.1".into(),
+            revision: 1,
         },
         &[
-            "00000012 ",                   // length prefix: 18-byte body (u32 big-endian)
-            "00 ",                         // ClientFrame variant 0: Hello
-            "03 746f6b ",                  // token: length 3, "tok"
-            "0c 717569702d636c692f302e31", // client: length 12, "quip-cli/0.1"
+            "00000013 ",                    // length prefix: 19-byte body (u32 big-endian)
+            "00 ",                          // ClientFrame variant 0: Hello
+            "03 746f6b ",                   // token: length 3, "tok"
+            "0c 717569702d636c692f302e31 ", // client: length 12, "quip-cli/0.1"
+            "01",                           // revision: 1 (varint)
         ],
     );
 }
@@ -1247,13 +1265,15 @@ fn golden_server_welcome() {
             user: UserName("alice".into()),
             epoch: EPOCH_0_TO_15,
             server: "quipd/0.1".into(),
+            revision: 1,
         },
         &[
-            "00000021 ",                         // length prefix: 33-byte body
+            "00000022 ",                         // length prefix: 34-byte body
             "00 ",                               // ServerFrame variant 0: Welcome
             "05 616c696365 ",                    // user: length 5, "alice"
             "000102030405060708090a0b0c0d0e0f ", // epoch: 16 raw bytes
-            "09 71756970642f302e31",             // server: length 9, "quipd/0.1"
+            "09 71756970642f302e31 ",            // server: length 9, "quipd/0.1"
+            "01",                                // revision: 1 (varint)
         ],
     );
 }
@@ -1617,6 +1637,7 @@ fn hello_with_a_token_of_max_token_len_round_trips() {
     let hello = ClientFrame::Hello {
         token: "t".repeat(MAX_TOKEN_LEN),
         client: "c".repeat(quip_protocol::limits::MAX_CLIENT_NAME_LEN),
+        revision: quip_protocol::REVISION,
     };
     let frame = encode(&hello);
     assert_eq!(

@@ -463,6 +463,9 @@ fn print_event(
             EventBody::MemberRemoved { user } => {
                 serde_json::json!({ "type": "member_removed", "user": user.as_str() })
             }
+            EventBody::Unsupported { kind } => {
+                serde_json::json!({ "type": "unsupported", "kind": kind })
+            }
         };
         if let (Some(line), Some(fields)) = (line.as_object_mut(), fields.as_object()) {
             line.extend(fields.clone());
@@ -486,5 +489,9 @@ fn print_event(
         EventBody::MemberRemoved { user } => {
             out(stdout, format_args!("{seq} * {who} removed {user}"))
         }
+        EventBody::Unsupported { kind } => out(
+            stdout,
+            format_args!("{seq} * (an event of kind {kind}, too new for this client)"),
+        ),
     }
 }

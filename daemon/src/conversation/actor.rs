@@ -13,11 +13,11 @@ use quip_protocol::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
-use super::sequencer::{Append, Appended, Sequencer, StoredId};
+use super::sequencer::{apply_membership, Append, Appended, Sequencer, StoredId};
 use super::typing::TypingBoard;
 use super::{store_error, Command, Sent, Subscription, Typing, TypingRelay, View, LIVE_BUFFER};
 use crate::presence::{EphemeralStats, Relay};
-use crate::store::{Store, StoreError, WriteBatch};
+use crate::store::{ConversationRecord, Store, StoreError, WriteBatch};
 
 /// Most commands folded into one store commit.
 const MAX_COMMANDS_PER_COMMIT: usize = 256;
@@ -79,6 +79,9 @@ struct ConversationActor {
     waiting: BTreeMap<Seq, Vec<Waiter>>,
     /// The last seq known durable, and so the last one that may be shown to anyone.
     durable: Seq,
+    /// The conversation's state as of `durable`: who may read. The sequencer's record runs
+    /// ahead of it by the membership changes not yet durable, which must not grant reading.
+    visible: ConversationRecord,
     live: broadcast::Sender<Arc<Event>>,
     /// Set when a commit failed: seqs past `durable` may be lost, so nothing more is assigned.
     failed: bool,
@@ -97,8 +100,18 @@ pub(super) fn spawn(
 ) {
     let conv = sequencer.conv();
     let (live, _) = broadcast::channel(LIVE_BUFFER);
+    // A new conversation has nothing durable yet: its Created event is the first commit.
+    let (durable, visible) = match &first {
+        Some(_) => {
+            let mut record = sequencer.record().clone();
+            record.members.clear();
+            (Seq::ZERO, record)
+        }
+        None => (sequencer.assigned(), sequencer.record().clone()),
+    };
     let mut actor = ConversationActor {
-        durable: sequencer.assigned(),
+        durable,
+        visible,
         sequencer,
         store,
         inbox,
@@ -173,7 +186,7 @@ impl ConversationActor {
                 reply,
             } => {
                 if self.failed {
-                    let _ = reply.send(Err(unavailable()));
+                    let _ = reply.send(Err(self.unavailable_to(&sender)));
                     return;
                 }
                 let stored = match self.stored_id(&sender, id) {
@@ -201,7 +214,7 @@ impl ConversationActor {
             }
             Command::AddMember { by, user, reply } => {
                 if self.failed {
-                    let _ = reply.send(Err(unavailable()));
+                    let _ = reply.send(Err(self.unavailable_to(&by)));
                     return;
                 }
                 let exists = match self.store.user(&user) {
@@ -220,7 +233,7 @@ impl ConversationActor {
             }
             Command::RemoveMember { by, user, reply } => {
                 if self.failed {
-                    let _ = reply.send(Err(unavailable()));
+                    let _ = reply.send(Err(self.unavailable_to(&by)));
                     return;
                 }
                 match self.sequencer.remove_member(&by, user.clone(), now_ms()) {
@@ -234,7 +247,7 @@ impl ConversationActor {
                 }
             }
             Command::Subscribe { user, reply } => {
-                let answer = if self.sequencer.is_member(&user) {
+                let answer = if self.visible.members.contains(&user) {
                     Ok(Subscription {
                         live: self.live.subscribe(),
                         head: self.durable,
@@ -245,9 +258,9 @@ impl ConversationActor {
                 let _ = reply.send(answer);
             }
             Command::View { user, reply } => {
-                let answer = if self.sequencer.is_member(&user) {
+                let answer = if self.visible.members.contains(&user) {
                     Ok(View {
-                        record: self.sequencer.record().clone(),
+                        record: self.visible.clone(),
                         head: self.durable,
                     })
                 } else {
@@ -255,6 +268,16 @@ impl ConversationActor {
                 };
                 let _ = reply.send(answer);
             }
+        }
+    }
+
+    /// The answer after a failed commit: a member learns the server cannot write now; anyone
+    /// else gets the same answer as always, so a failure reveals nothing about membership.
+    fn unavailable_to(&self, user: &UserName) -> ErrorBody {
+        if self.sequencer.is_member(user) {
+            unavailable()
+        } else {
+            ErrorBody::not_found()
         }
     }
 
@@ -338,6 +361,7 @@ impl ConversationActor {
             }
             self.sequencer.durable(&event);
             self.durable = event.seq;
+            apply_membership(&mut self.visible, &event.body);
             let waiters = self.waiting.remove(&event.seq).unwrap_or_default();
             for waiter in waiters {
                 waiter.answer(&event);

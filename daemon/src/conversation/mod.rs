@@ -10,7 +10,6 @@ pub mod sequencer;
 pub mod typing;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -182,17 +181,14 @@ pub struct Conversations {
     // A short std lock: held for a map lookup (and, on a conversation's first use, two sled
     // reads), never across an await.
     actors: Mutex<HashMap<ConversationId, ConversationHandle>>,
-    last_id: AtomicU64,
 }
 
 impl Conversations {
     pub fn new(store: Store, relay: TypingRelay) -> Result<Self, StoreError> {
-        let last_id = AtomicU64::new(store.max_conversation_id()?);
         Ok(Conversations {
             store,
             relay,
             actors: Mutex::new(HashMap::new()),
-            last_id,
         })
     }
 
@@ -230,16 +226,36 @@ impl Conversations {
                 ));
             }
         }
-        let conv = ConversationId(self.last_id.fetch_add(1, Ordering::Relaxed) + 1);
-        let (sequencer, first) = Sequencer::create(conv, creator, title, invited, now_ms());
         let (reply, rx) = oneshot::channel();
-        let handle = self.start(sequencer, Some((first, reply)));
-        self.actors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(conv, handle);
-        let seq = answer(rx).await?;
-        Ok((conv, seq))
+        let conv = {
+            let mut actors = self.actors.lock().unwrap_or_else(|e| e.into_inner());
+            let conv = loop {
+                let conv = random_conversation_id();
+                let taken = actors.contains_key(&conv)
+                    || self
+                        .store
+                        .conversation(conv)
+                        .map_err(store_error)?
+                        .is_some();
+                if !taken {
+                    break conv;
+                }
+            };
+            let (sequencer, first) = Sequencer::create(conv, creator, title, invited, now_ms());
+            actors.insert(conv, self.start(sequencer, Some((first, reply))));
+            conv
+        };
+        match answer(rx).await {
+            Ok(seq) => Ok((conv, seq)),
+            Err(e) => {
+                // Not created: the id must not answer as a live conversation.
+                self.actors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&conv);
+                Err(e)
+            }
+        }
     }
 
     fn start(
@@ -264,6 +280,12 @@ impl Conversations {
             stats: self.relay.presence.stats().clone(),
         }
     }
+}
+
+/// A new conversation id: random, so ids say nothing about how many conversations exist and
+/// cannot be enumerated; below 2^53 so that they survive JSON numbers in any language.
+fn random_conversation_id() -> ConversationId {
+    ConversationId(rand::random_range(1..(1u64 << 53)))
 }
 
 /// How a store failure is told to a client: retry later, with the same message id.

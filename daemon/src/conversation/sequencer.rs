@@ -7,9 +7,7 @@
 //!
 //! Seqs are assigned here and nowhere else: gap-free, one at a time, in request order.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
 
 use quip_protocol::{
     ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, EventBody, Seq, UserName,
@@ -49,13 +47,22 @@ pub struct Sequencer {
     assigned: Seq,
     /// Message ids assigned but not yet durable, so a retry that races its original is caught
     /// before the store knows the id. Entries leave once durable.
-    in_flight_ids: HashMap<(UserName, ClientMessageId), (Seq, u64)>,
+    in_flight_ids: HashMap<(UserName, ClientMessageId), (Seq, String)>,
 }
 
-fn text_hash(text: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
+/// Applies a membership event to a conversation's state; messages change nothing. The sequencer
+/// applies it when it assigns the seq, the actor again when the seq is durable.
+pub fn apply_membership(record: &mut ConversationRecord, body: &EventBody) {
+    match body {
+        EventBody::Created { members, .. } => record.members = members.iter().cloned().collect(),
+        EventBody::MemberAdded { user } => {
+            record.members.insert(user.clone());
+        }
+        EventBody::MemberRemoved { user } => {
+            record.members.remove(user);
+        }
+        EventBody::Message { .. } | EventBody::Unsupported { .. } => {}
+    }
 }
 
 impl Sequencer {
@@ -94,7 +101,6 @@ impl Sequencer {
         for member in &members {
             writes.add_membership(member, conv);
         }
-        sequencer.record.members = members;
         let append = sequencer.append(creator, body, now_ms, writes);
         (sequencer, append)
     }
@@ -126,7 +132,9 @@ impl Sequencer {
     /// Appends a message, or finds the earlier one with the same id.
     ///
     /// `stored` is what the store knows of this (sender, id); the actor looks it up only when
-    /// the id is not in flight.
+    /// the id is not in flight. A retry is recognised before membership is checked: a sender
+    /// removed after its message was stored still learns the seq of its own message (and
+    /// nothing else, since ids are scoped to their sender).
     pub fn send(
         &mut self,
         sender: &UserName,
@@ -135,18 +143,18 @@ impl Sequencer {
         stored: StoredId,
         now_ms: u64,
     ) -> Result<Appended, ErrorBody> {
-        if !self.is_member(sender) {
-            return Err(ErrorBody::not_found());
-        }
         let key = (sender.clone(), id);
-        if let Some(&(seq, hash)) = self.in_flight_ids.get(&key) {
-            return same_text(hash == text_hash(&text), seq);
+        if let Some((seq, earlier)) = self.in_flight_ids.get(&key) {
+            return same_text(*earlier == text, *seq);
         }
         if let StoredId::Stored { seq, text: stored } = stored {
             return same_text(stored == text, seq);
         }
+        if !self.is_member(sender) {
+            return Err(ErrorBody::not_found());
+        }
         let seq = self.assigned.next();
-        self.in_flight_ids.insert(key, (seq, text_hash(&text)));
+        self.in_flight_ids.insert(key, (seq, text.clone()));
         let mut writes = WriteBatch::new();
         writes.remember_message_id(self.conv, id, sender, seq);
         let body = EventBody::Message { id, text };
@@ -189,11 +197,11 @@ impl Sequencer {
         }
         let mut writes = WriteBatch::new();
         writes.add_membership(&user, self.conv);
-        self.record.members.insert(user.clone());
         Ok(self.append(by.clone(), EventBody::MemberAdded { user }, now_ms, writes))
     }
 
-    /// Removes `user`: the creator removes anyone but itself, a member removes itself (leaves).
+    /// Removes `user`: the creator removes anyone but itself, any other member removes itself
+    /// (leaves). The creator stays, so that every conversation keeps someone who can add members.
     pub fn remove_member(
         &mut self,
         by: &UserName,
@@ -209,6 +217,12 @@ impl Sequencer {
                 "only the conversation's creator removes other members",
             ));
         }
+        if user == self.record.creator {
+            return Err(ErrorBody::new(
+                ErrorCode::FORBIDDEN,
+                "the conversation's creator cannot leave it",
+            ));
+        }
         if !self.is_member(&user) {
             return Err(ErrorBody::new(
                 ErrorCode::INVALID_REQUEST,
@@ -217,7 +231,6 @@ impl Sequencer {
         }
         let mut writes = WriteBatch::new();
         writes.remove_membership(&user, self.conv);
-        self.record.members.remove(&user);
         Ok(self.append(
             by.clone(),
             EventBody::MemberRemoved { user },
@@ -242,6 +255,7 @@ impl Sequencer {
     ) -> Append {
         let seq = self.assigned.next();
         self.assigned = seq;
+        apply_membership(&mut self.record, &body);
         let membership_changed = !matches!(body, EventBody::Message { .. });
         let stored = StoredEvent {
             sender,
@@ -381,6 +395,43 @@ mod tests {
             assert_eq!(err, ErrorBody::not_found());
         }
         assert_eq!(s.assigned(), Seq(1));
+    }
+
+    #[test]
+    fn the_creator_cannot_leave() {
+        let mut s = new_conversation();
+        let err = s
+            .remove_member(&user("alice"), user("alice"), 0)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::FORBIDDEN);
+        assert!(s.is_member(&user("alice")));
+    }
+
+    #[test]
+    fn a_removed_sender_still_learns_the_seq_of_its_own_stored_message() {
+        let mut s = new_conversation();
+        let seq = new_seq(sent(&mut s, "bob", 9, "mine"));
+        s.remove_member(&user("alice"), user("bob"), 0).unwrap();
+        // In flight: answered from the sequencer's memory.
+        assert!(matches!(sent(&mut s, "bob", 9, "mine"), Ok(Appended::Duplicate(d)) if d == seq));
+        // Durable: answered from the store's record.
+        let stored = StoredId::Stored {
+            seq,
+            text: "mine".into(),
+        };
+        let retry = s.send(
+            &user("bob"),
+            ClientMessageId([9; 16]),
+            "mine".into(),
+            stored,
+            0,
+        );
+        assert!(matches!(retry, Ok(Appended::Duplicate(d)) if d == seq));
+        // A new message is refused as for any non-member.
+        assert_eq!(
+            sent(&mut s, "bob", 10, "new").unwrap_err(),
+            ErrorBody::not_found()
+        );
     }
 
     #[test]

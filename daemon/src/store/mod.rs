@@ -286,16 +286,16 @@ impl Store {
         self.get(&keys::conversation(conv))
     }
 
-    /// The highest conversation id in use, 0 when there is none.
-    pub fn max_conversation_id(&self) -> Result<u64, StoreError> {
-        let last = self
-            .tree
+    /// Every conversation, ascending by id.
+    pub fn conversations(&self) -> Result<Vec<ConversationId>, StoreError> {
+        self.tree
             .scan_prefix([keys::CONV_STATE])
-            .next_back()
-            .transpose()?;
-        Ok(last
-            .and_then(|(key, _)| keys::conversation_id(&key))
-            .map_or(0, |c| c.0))
+            .keys()
+            .map(|key| {
+                keys::conversation_id(&key?)
+                    .ok_or_else(|| StoreError::Corrupt("conversation key length".into()))
+            })
+            .collect()
     }
 
     /// The seq of the conversation's last event, `Seq::ZERO` when it has none.

@@ -93,11 +93,6 @@ async fn concurrent_commits_are_grouped_into_fewer_flushes() {
         flushes < 200,
         "200 concurrent commits took {flushes} flushes"
     );
-    assert_eq!(
-        store.max_conversation_id().unwrap(),
-        0,
-        "no conversation records yet"
-    );
 }
 
 #[tokio::test]
