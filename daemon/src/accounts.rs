@@ -58,6 +58,41 @@ impl Accounts {
         Ok((user, token))
     }
 
+    /// Creates `count` users named `prefix0`, `prefix1`, ... in one durable write and returns
+    /// them with their first tokens. Fails, creating none, if any of the names is taken. For
+    /// provisioning load tests and bulk imports.
+    pub async fn add_users(
+        &self,
+        prefix: &str,
+        count: u32,
+    ) -> Result<Vec<(UserName, String)>, AccountError> {
+        let users = (0..count)
+            .map(|n| format!("{prefix}{n}").parse::<UserName>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AccountError::InvalidName)?;
+        let _serialised = self.writes.lock().await;
+        let now = now_ms();
+        let mut batch = WriteBatch::new();
+        let mut added = Vec::with_capacity(users.len());
+        for user in users {
+            if self.store.user(&user)?.is_some() {
+                return Err(AccountError::Exists(user));
+            }
+            let token = new_token();
+            batch.put_user(&user, &UserRecord { created_at_ms: now });
+            batch.put_token(
+                &hash_token(&token),
+                &TokenRecord {
+                    user: user.clone(),
+                    created_at_ms: now,
+                },
+            );
+            added.push((user, token));
+        }
+        self.store.commit(batch).await?;
+        Ok(added)
+    }
+
     pub fn users(&self) -> Result<Vec<UserName>, AccountError> {
         Ok(self.store.users()?)
     }

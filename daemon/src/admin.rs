@@ -1,5 +1,8 @@
 //! Administration: `quipd user ...` and `quipd backup`.
 //!
+//! The daemon's pid is what a peer of the admin socket sees in its credentials
+//! (`SO_PEERCRED`): tools on the same host (`quip bench`) find the daemon that way.
+//!
 //! sled lets one process open a store, so while the daemon runs these commands go through its
 //! admin socket (`DATA/admin.sock`, mode 0600, and only the daemon's own uid is served); when it
 //! does not run, the command opens the store itself. Either way the same code does the work.
@@ -26,7 +29,14 @@ use crate::store::{Store, StoreConfig};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
-    UserAdd { name: String },
+    UserAdd {
+        name: String,
+    },
+    /// `count` users named `prefix0`, `prefix1`, ...
+    UserAddMany {
+        prefix: String,
+        count: u32,
+    },
     UserList,
     Backup,
 }
@@ -37,6 +47,10 @@ pub enum AdminResponse {
     UserAdded {
         user: UserName,
         token: String,
+    },
+    /// Users and their tokens, in name order of creation.
+    UsersAdded {
+        users: Vec<(UserName, String)>,
     },
     Users {
         users: Vec<UserName>,
@@ -59,6 +73,10 @@ async fn execute(accounts: &Accounts, request: AdminRequest) -> AdminResponse {
             .add_user(&name)
             .await
             .map(|(user, token)| AdminResponse::UserAdded { user, token }),
+        AdminRequest::UserAddMany { prefix, count } => accounts
+            .add_users(&prefix, count)
+            .await
+            .map(|users| AdminResponse::UsersAdded { users }),
         AdminRequest::UserList => accounts.users().map(|users| AdminResponse::Users { users }),
         AdminRequest::Backup => {
             return AdminResponse::Error {
@@ -251,10 +269,8 @@ pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary
 
 /// Opens the store of a data directory whose daemon is not running.
 fn open_offline(data_dir: &Path) -> anyhow::Result<Store> {
-    Ok(Store::open(&StoreConfig {
-        path: store_dir(data_dir),
-        cache_bytes: 16 * 1024 * 1024,
-    })?)
+    let config = StoreConfig::existing(store_dir(data_dir), 16 * 1024 * 1024)?;
+    Ok(Store::open(&config)?)
 }
 
 /// Runs an admin request against the data directory: through the running daemon if there is

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::presence::EphemeralLimits;
 use crate::server::{ServerConfig, TlsSource};
 use crate::session::Limits;
+use crate::store::BackendKind;
 
 /// Defaults, shared by the file format and [`ServerConfig::new`].
 pub mod defaults {
@@ -73,7 +74,9 @@ pub struct ConfigFile {
     pub data_dir: PathBuf,
     /// UDP address for QUIC.
     pub listen: String,
-    /// sled's page cache, in MiB.
+    /// The store's engine: `sled` (the default) or `fjall`.
+    pub store: BackendKind,
+    /// The store engine's cache, in MiB.
     pub cache_mb: u64,
     /// How long a graceful shutdown may take before the remaining connections are cut.
     pub shutdown_timeout_ms: u64,
@@ -88,6 +91,7 @@ impl Default for ConfigFile {
         ConfigFile {
             data_dir: defaults::DATA_DIR.into(),
             listen: defaults::LISTEN.into(),
+            store: BackendKind::default(),
             cache_mb: defaults::CACHE_MB,
             shutdown_timeout_ms: defaults::SHUTDOWN_TIMEOUT_MS,
             tls: TlsSection::default(),
@@ -198,6 +202,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub cache_mb: Option<u64>,
+    pub store: Option<BackendKind>,
     pub log_json: bool,
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -292,6 +297,7 @@ impl ConfigFile {
         Ok(ServerConfig {
             data_dir: overrides.data_dir.clone().unwrap_or(self.data_dir),
             listen,
+            store: overrides.store.unwrap_or(self.store),
             cache_bytes: cache_mb * 1024 * 1024,
             limits: Limits {
                 handshake_timeout: positive(
@@ -424,6 +430,7 @@ mod tests {
         assert_eq!(config.listen, expected.listen);
         assert_eq!(config.data_dir, expected.data_dir);
         assert_eq!(config.cache_bytes, expected.cache_bytes);
+        assert_eq!(config.store, BackendKind::Sled);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(config.tls, TlsSource::DataDir);
         assert_eq!(config.metrics_listen, None);
@@ -453,6 +460,7 @@ mod tests {
             "limits.idle_timeout_ms"
         );
         assert_eq!(error_key("[log]\nformat = \"xml\"\n"), "log.format");
+        assert_eq!(error_key("store = \"rocksdb\"\n"), "store");
         assert_eq!(error_key("listen = \"localhost\"\n"), "listen");
         assert_eq!(
             error_key("[metrics]\nlisten = \"9464\"\n"),
@@ -489,6 +497,7 @@ mod tests {
             data_dir: Some("/from/flag".into()),
             listen: Some("127.0.0.1:3".parse().unwrap()),
             cache_mb: Some(16),
+            store: Some(BackendKind::Fjall),
             log_json: true,
             metrics_listen: Some("127.0.0.1:4".parse().unwrap()),
         };
@@ -496,6 +505,7 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/from/flag"));
         assert_eq!(config.listen, "127.0.0.1:3".parse().unwrap());
         assert_eq!(config.cache_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.store, BackendKind::Fjall);
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.metrics_listen, Some("127.0.0.1:4".parse().unwrap()));
     }

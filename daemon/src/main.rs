@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use quipd::admin::{self, AdminRequest, AdminResponse};
 use quipd::config::{ConfigFile, LogConfig, LogFormat, Overrides};
 use quipd::server::{certs_dir, store_dir, TlsSource};
-use quipd::store::backup;
+use quipd::store::{backup, BackendKind};
 use quipd::{Server, ServerConfig};
 use sd_notify::NotifyState;
 
@@ -34,9 +34,12 @@ enum Command {
         /// UDP address to listen on [default: 127.0.0.1:4433]
         #[arg(long, env = "QUIPD_LISTEN")]
         listen: Option<SocketAddr>,
-        /// sled page cache size in MiB [default: 64]
+        /// Store engine cache size in MiB [default: 64]
         #[arg(long)]
         cache_mb: Option<u64>,
+        /// Store engine: sled or fjall [default: sled]
+        #[arg(long)]
+        store: Option<BackendKind>,
         /// Log lines as JSON instead of text.
         #[arg(long)]
         log_json: bool,
@@ -72,6 +75,9 @@ enum Command {
         from: PathBuf,
         #[arg(long)]
         data: PathBuf,
+        /// The engine of the new store: sled or fjall (must match the daemon's `store`).
+        #[arg(long, default_value = "sled")]
+        store: BackendKind,
     },
 }
 
@@ -100,9 +106,21 @@ impl DataDir {
 
 #[derive(Subcommand, Debug)]
 enum UserCommand {
-    /// Create a user and print its bearer token on one line.
+    /// Create a user and print its bearer token on one line; with --count, create COUNT users
+    /// named PREFIX0, PREFIX1, ... at once and print (or write) one `name token` line each.
     Add {
-        name: String,
+        /// The user's name (not with --count).
+        #[arg(required_unless_present = "count", conflicts_with = "count")]
+        name: Option<String>,
+        /// How many users to create.
+        #[arg(long, requires = "prefix")]
+        count: Option<u32>,
+        /// Name prefix of the users --count creates.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Write the `name token` lines to this file (mode 0600) instead of stdout.
+        #[arg(long, requires = "count")]
+        tokens_out: Option<PathBuf>,
         #[command(flatten)]
         data: DataDir,
     },
@@ -164,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             listen,
             cache_mb,
+            store,
             log_json,
             metrics_listen,
         } => {
@@ -175,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: data,
                 listen,
                 cache_mb,
+                store,
                 log_json,
                 metrics_listen,
             };
@@ -185,12 +205,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file } => check_config(&file),
         Command::User { command } => {
             init_logging(&default_log());
+            let mut tokens_file = None;
             let (data, request) = match command {
-                UserCommand::Add { name, data } => (data, AdminRequest::UserAdd { name }),
+                UserCommand::Add {
+                    name: Some(name),
+                    data,
+                    ..
+                } => (data, AdminRequest::UserAdd { name }),
+                UserCommand::Add {
+                    count,
+                    prefix,
+                    tokens_out,
+                    data,
+                    ..
+                } => {
+                    tokens_file = tokens_out;
+                    let request = AdminRequest::UserAddMany {
+                        prefix: prefix.unwrap_or_default(),
+                        count: count.unwrap_or(0),
+                    };
+                    (data, request)
+                }
                 UserCommand::List { data } => (data, AdminRequest::UserList),
             };
             match admin::run(&data.resolve()?, request).await? {
                 AdminResponse::UserAdded { token, .. } => println!("{token}"),
+                AdminResponse::UsersAdded { users } => {
+                    let lines: String = users
+                        .iter()
+                        .map(|(user, token)| format!("{user} {token}\n"))
+                        .collect();
+                    match tokens_file {
+                        Some(path) => write_private(&path, lines.as_bytes())?,
+                        None => print!("{lines}"),
+                    }
+                }
                 AdminResponse::Users { users } => users.iter().for_each(|u| println!("{u}")),
                 AdminResponse::Error { message } => anyhow::bail!(message),
                 AdminResponse::Backup { .. } => anyhow::bail!("unexpected answer"),
@@ -238,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Restore { from, data } => restore(&from, &data),
+        Command::Restore { from, data, store } => restore(&from, &data, store),
     }
 }
 
@@ -351,7 +400,8 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     let (cert, key) = config.tls_files();
     println!("{}: ok", file.display());
     println!("data_dir = {}", config.data_dir.display());
-    println!("store = {}", store_dir(&config.data_dir).display());
+    println!("store = {}", config.store);
+    println!("store_dir = {}", store_dir(&config.data_dir).display());
     println!("listen = {}", config.listen);
     println!("cache_mb = {}", config.cache_bytes / (1024 * 1024));
     println!("shutdown_timeout = {:?}", config.shutdown_timeout);
@@ -374,7 +424,22 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn restore(from: &Path, data: &Path) -> anyhow::Result<()> {
+/// Writes a file only its owner may read (it holds bearer tokens).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn restore(from: &Path, data: &Path, store: BackendKind) -> anyhow::Result<()> {
     let occupied = std::fs::read_dir(data)
         .map(|mut entries| entries.next().is_some())
         .unwrap_or(false);
@@ -385,7 +450,7 @@ fn restore(from: &Path, data: &Path) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
-    let summary = backup::restore(from, &store_dir(data))?;
+    let summary = backup::restore(from, &store_dir(data), store)?;
     println!(
         "restored {} records ({} events) into {}",
         summary.records,

@@ -20,7 +20,7 @@ use crate::config::{defaults, LogConfig, LogFormat};
 use crate::conversation::{Conversations, TypingRelay};
 use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::session::{self, Limits};
-use crate::store::{Store, StoreConfig};
+use crate::store::{BackendKind, Store, StoreConfig};
 
 /// Everything a `quipd serve` needs to start. Made from the config file by
 /// [`crate::config::ConfigFile::into_server_config`].
@@ -28,7 +28,9 @@ use crate::store::{Store, StoreConfig};
 pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    /// sled's page cache, in bytes.
+    /// The store's engine.
+    pub store: BackendKind,
+    /// The store engine's cache, in bytes.
     pub cache_bytes: u64,
     pub limits: Limits,
     /// Connections served at once; more are refused.
@@ -48,6 +50,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir: data_dir.into(),
             listen,
+            store: BackendKind::default(),
             cache_bytes: defaults::CACHE_MB * 1024 * 1024,
             limits: Limits::default(),
             max_connections: defaults::MAX_CONNECTIONS,
@@ -148,6 +151,7 @@ impl Server {
         let store = Store::open(&StoreConfig {
             path: store_dir(&config.data_dir),
             cache_bytes: config.cache_bytes,
+            backend: config.store,
         })?;
         let identity = match &config.tls {
             TlsSource::DataDir => {

@@ -636,12 +636,9 @@ async fn command_line_flags_override_the_file() {
     assert!(status.success());
 }
 
+/// Opens a stopped daemon's store, whichever engine made it.
 fn open_store(path: &Path) -> Store {
-    Store::open(&StoreConfig {
-        path: path.join("store"),
-        cache_bytes: 8 * 1024 * 1024,
-    })
-    .unwrap()
+    Store::open(&StoreConfig::existing(path.join("store"), 8 * 1024 * 1024).unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,6 +709,8 @@ async fn a_backup_under_load_restores_to_gap_free_prefixes_with_a_new_epoch() {
         .unwrap();
     assert!(status.success());
 
+    // The copy moves to the other engine: a backup of a sled store restored into fjall, which
+    // the restored daemon then serves (`store = "fjall"`).
     let restored = dir.path().join("restored");
     let out = quipd(&[
         "restore",
@@ -719,6 +718,8 @@ async fn a_backup_under_load_restores_to_gap_free_prefixes_with_a_new_epoch() {
         backup.to_str().unwrap(),
         "--data",
         restored.to_str().unwrap(),
+        "--store",
+        "fjall",
     ]);
     assert!(
         out.status.success(),
@@ -739,7 +740,7 @@ async fn a_backup_under_load_restores_to_gap_free_prefixes_with_a_new_epoch() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
 
     // The restored store serves: old tokens work, old cursors are reset.
-    let config = config_file(dir.path(), &restored, "");
+    let config = config_file(dir.path(), &restored, "store = \"fjall\"");
     let daemon = Quipd::start(&config, &restored, &[], &[]);
     // The restored directory has no certificates: the daemon made new ones.
     let client = daemon.connect(&tokens[1]).await;

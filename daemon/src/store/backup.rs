@@ -1,6 +1,6 @@
 //! Backups: a consistent copy of a running store in one file, and a new store made from one.
 //!
-//! Consistency without stopping writes. sled has no snapshots, and a plain scan racing the
+//! Consistency without stopping writes. The store's engines offer no snapshot we can rely on, and a plain scan racing the
 //! writer could copy a message id whose message it missed. But the store writer is the only
 //! writer, so between two of its group commits the store holds one consistent state. There the
 //! writer takes a [`Cut`]: each conversation's head seq, and a copy of every record outside the
@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::ops::{Bound, ControlFlow};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,14 +32,15 @@ use quip_protocol::{ConversationId, Epoch, Seq};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{decode, keys, writer, StoreError, SCHEMA_VERSION};
+use super::backend::{self, Backend, BackendKind, Order};
+use super::{decode, keys, StoreError, WriteBatch, SCHEMA_VERSION};
 
 const MAGIC: &[u8; 8] = b"QUIPBAK\x01";
 const RECORD: u8 = 0x01;
 const END: u8 = 0x00;
 /// Longest key or value accepted from a file: bounds what a damaged length makes us allocate.
 const MAX_FIELD: u32 = 64 * 1024 * 1024;
-/// Records inserted per sled batch while restoring.
+/// Records written per durable batch while restoring.
 const RESTORE_BATCH: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,36 +68,43 @@ struct Header {
 #[derive(Debug)]
 pub struct Cut {
     /// Every record outside the append-only tables, as it was at the cut.
-    records: Vec<(sled::IVec, sled::IVec)>,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
     /// Each conversation's last seq at the cut.
     heads: BTreeMap<ConversationId, Seq>,
 }
 
 impl Cut {
-    pub(super) fn take(tree: &sled::Tree) -> Result<Cut, StoreError> {
+    pub(super) fn take(backend: &dyn Backend) -> Result<Cut, StoreError> {
         let mut records = Vec::new();
-        let mut heads = BTreeMap::new();
         let before: &[u8] = &[keys::CONVSEQ_EVENT];
         let after: &[u8] = &[keys::CONV_STATE];
-        for entry in tree.range(..before).chain(tree.range(after..)) {
-            let (key, value) = entry?;
+        let mut copy = |key: &[u8], value: &[u8]| {
+            records.push((key.to_vec(), value.to_vec()));
+            ControlFlow::Continue(())
+        };
+        let all = usize::MAX;
+        backend.scan(
+            (Bound::Unbounded, Bound::Excluded(before)),
+            Order::Ascending,
+            all,
+            &mut copy,
+        )?;
+        backend.scan(
+            (Bound::Included(after), Bound::Unbounded),
+            Order::Ascending,
+            all,
+            &mut copy,
+        )?;
+        let mut heads = BTreeMap::new();
+        for (key, _) in &records {
             if key.first() == Some(&keys::CONV_STATE) {
-                if let Some(conv) = keys::conversation_id(&key) {
-                    heads.insert(conv, head(tree, conv)?);
+                if let Some(conv) = keys::conversation_id(key) {
+                    heads.insert(conv, super::head(backend, conv)?);
                 }
             }
-            records.push((key, value));
         }
         Ok(Cut { records, heads })
     }
-}
-
-fn head(tree: &sled::Tree, conv: ConversationId) -> Result<Seq, StoreError> {
-    let prefix = &keys::event(conv, Seq::ZERO)[..9];
-    let last = tree.scan_prefix(prefix).next_back().transpose()?;
-    Ok(last
-        .and_then(|(key, _)| keys::event_seq(&key))
-        .unwrap_or(Seq::ZERO))
 }
 
 /// What a backup holds.
@@ -111,16 +120,16 @@ pub struct BackupSummary {
 /// A store's state at a cut, ready to be written out.
 #[derive(Debug)]
 pub struct Snapshot {
-    tree: sled::Tree,
+    backend: Arc<dyn Backend>,
     epoch: Epoch,
     cut: Cut,
     taken_at_ms: u64,
 }
 
 impl Snapshot {
-    pub(super) fn new(tree: sled::Tree, epoch: Epoch, cut: Cut) -> Snapshot {
+    pub(super) fn new(backend: Arc<dyn Backend>, epoch: Epoch, cut: Cut) -> Snapshot {
         Snapshot {
-            tree,
+            backend,
             epoch,
             cut,
             taken_at_ms: crate::conversation::now_ms(),
@@ -158,26 +167,57 @@ impl Snapshot {
         for (key, value) in &self.cut.records {
             put(&mut out, key, value)?;
         }
+        // Written while the scan runs: the first failure stops it and is returned.
+        let mut failed: Option<BackupError> = None;
         for (&conv, &head) in &self.cut.heads {
             if head == Seq::ZERO {
                 continue;
             }
-            let range = keys::event(conv, Seq(1))..=keys::event(conv, head);
-            for entry in self.tree.range(range) {
-                let (key, value) = entry.map_err(StoreError::from)?;
-                events += 1;
-                put(&mut out, &key, &value)?;
+            let (first, last) = (keys::event(conv, Seq(1)), keys::event(conv, head));
+            self.backend.scan(
+                (Bound::Included(&first), Bound::Included(&last)),
+                Order::Ascending,
+                usize::MAX,
+                &mut |key, value| match put(&mut out, key, value) {
+                    Ok(()) => {
+                        events += 1;
+                        ControlFlow::Continue(())
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                },
+            )?;
+            if let Some(e) = failed.take() {
+                return Err(e);
             }
         }
-        for entry in self.tree.scan_prefix([keys::CONVMSGID_SEQ]) {
-            let (key, value) = entry.map_err(StoreError::from)?;
-            let Some(head) = keys::conversation_id(&key).and_then(|c| self.cut.heads.get(&c))
-            else {
-                continue;
-            };
-            if decode::<u64>(&value)? <= head.0 {
-                put(&mut out, &key, &value)?;
-            }
+        let heads = &self.cut.heads;
+        self.backend.scan_prefix(
+            &[keys::CONVMSGID_SEQ],
+            Order::Ascending,
+            usize::MAX,
+            &mut |key, value| {
+                let Some(head) = keys::conversation_id(key).and_then(|c| heads.get(&c)) else {
+                    return ControlFlow::Continue(());
+                };
+                let written = match decode::<u64>(value) {
+                    Ok(seq) if seq <= head.0 => put(&mut out, key, value),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                match written {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e);
         }
         out.write_all(&[END]).map_err(io("writing the backup"))?;
         out.write_all(&records.to_be_bytes())
@@ -325,9 +365,14 @@ pub struct RestoreSummary {
     pub events: u64,
 }
 
-/// Makes a new store at `store_dir` (which must not exist, or be empty) from a backup file.
-/// The file is checked whole before anything is written; the new store gets a new epoch.
-pub fn restore(backup: &Path, store_dir: &Path) -> Result<RestoreSummary, BackupError> {
+/// Makes a new store at `store_dir` (which must not exist, or be empty) from a backup file, on
+/// the engine `kind` (a backup can move a store from one engine to the other). The file is
+/// checked whole before anything is written; the new store gets a new epoch.
+pub fn restore(
+    backup: &Path,
+    store_dir: &Path,
+    kind: BackendKind,
+) -> Result<RestoreSummary, BackupError> {
     let occupied = std::fs::read_dir(store_dir)
         .map(|mut entries| entries.next().is_some())
         .unwrap_or(false);
@@ -339,15 +384,9 @@ pub fn restore(backup: &Path, store_dir: &Path) -> Result<RestoreSummary, Backup
     }
     read_backup(backup, |_, _| Ok(()))?;
 
-    std::fs::create_dir_all(store_dir).map_err(io(store_dir.display()))?;
-    let db = sled::Config::new()
-        .path(store_dir)
-        .flush_every_ms(None)
-        .open()
-        .map_err(StoreError::from)?;
-    let tree = db.open_tree("quip").map_err(StoreError::from)?;
-    let mut batch = sled::Batch::default();
-    let mut pending = 0;
+    let opened = backend::open(store_dir, kind, 16 * 1024 * 1024, Arc::default())?;
+    let engine = opened.backend;
+    let mut batch = WriteBatch::new();
     let mut records = 0u64;
     let mut events = 0u64;
     let header = read_backup(backup, |key, value| {
@@ -358,21 +397,17 @@ pub fn restore(backup: &Path, store_dir: &Path) -> Result<RestoreSummary, Backup
             events += 1;
         }
         records += 1;
-        batch.insert(key, value);
-        pending += 1;
-        if pending == RESTORE_BATCH {
-            tree.apply_batch(std::mem::take(&mut batch))
-                .map_err(StoreError::from)?;
-            pending = 0;
+        batch.put_raw(&key, &value);
+        if batch.len() == RESTORE_BATCH {
+            engine.apply_durably(&mut std::mem::take(&mut batch).iter())?;
         }
         Ok(())
     })?;
     let epoch = Epoch(rand::random());
-    batch.insert(keys::META_EPOCH, &epoch.0);
-    batch.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
-    tree.apply_batch(batch).map_err(StoreError::from)?;
-    db.flush().map_err(StoreError::from)?;
-    writer::Durability::open(store_dir, Arc::default())?.sync()?;
+    batch.put_raw(keys::META_EPOCH, &epoch.0);
+    batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+    engine.apply_durably(&mut batch.iter())?;
+    engine.close()?;
     Ok(RestoreSummary {
         backup_epoch: Epoch(header.epoch),
         epoch,

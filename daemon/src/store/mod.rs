@@ -1,21 +1,30 @@
 //! The store: every durable byte of the daemon, behind one narrow interface.
 //!
-//! Only this module imports sled. Reads are plain methods; every write goes through
-//! [`Store::commit`], which hands a [`WriteBatch`] to the one store writer (see `writer.rs`) and
-//! resolves once the batch is on disk: applied, flushed and fdatasync'd.
+//! Only this module imports sled and fjall, the two embedded engines it can run on (see
+//! `backend.rs`; `store = "sled"` or `"fjall"` in the configuration). Reads are plain methods;
+//! every write goes through [`Store::commit`], which hands a [`WriteBatch`] to the one store
+//! writer (see `writer.rs`) and resolves once the batch is on disk: applied, flushed and
+//! fdatasync'd.
 
+mod backend;
 pub mod backup;
+mod fjall_backend;
 mod keys;
+mod sled_backend;
 mod writer;
 
 use std::collections::BTreeSet;
+use std::ops::{Bound, ControlFlow, Range};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use quip_protocol::{ClientMessageId, ConversationId, Epoch, Event, EventBody, Seq, UserName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+pub use backend::{detect as detect_backend, BackendKind};
+use backend::{Backend, Order};
 pub use writer::WriterStats;
 
 /// Version of the on-disk layout in `keys.rs`; a store with another version is refused.
@@ -33,12 +42,16 @@ pub enum StoreError {
     Poisoned,
     #[error("store is closed")]
     Closed,
-}
-
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        StoreError::Io(e.to_string())
-    }
+    #[error(
+        "the store in {path} was made with store = \"{found}\", but the configuration says \
+         \"{wanted}\": set store = \"{found}\", or move the data with `quipd backup` and \
+         `quipd restore --store {wanted}`"
+    )]
+    WrongBackend {
+        path: PathBuf,
+        found: BackendKind,
+        wanted: BackendKind,
+    },
 }
 
 /// One message or membership change as stored; its seq is in the key.
@@ -83,9 +96,14 @@ pub struct TokenRecord {
 
 /// Writes that become durable together, atomically: after a crash either all of a batch is
 /// there or none of it.
+///
+/// Keys and values are encoded into one byte buffer (`data`), so a batch costs two growing
+/// vectors, not two allocations per write; a conversation actor's batch of many messages is
+/// built without a per-message allocation.
 #[derive(Debug, Default)]
 pub struct WriteBatch {
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    data: Vec<u8>,
+    ops: Vec<(Range<usize>, Option<Range<usize>>)>,
 }
 
 impl WriteBatch {
@@ -97,18 +115,61 @@ impl WriteBatch {
         self.ops.is_empty()
     }
 
+    /// Number of writes (puts and removes).
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
     /// Moves `other`'s writes after this batch's.
     pub fn extend(&mut self, other: WriteBatch) {
-        self.ops.extend(other.ops);
+        if self.ops.is_empty() {
+            *self = other;
+            return;
+        }
+        let base = self.data.len();
+        self.data.extend_from_slice(&other.data);
+        let shift = |r: Range<usize>| r.start + base..r.end + base;
+        self.ops.extend(
+            other
+                .ops
+                .into_iter()
+                .map(|(key, value)| (shift(key), value.map(shift))),
+        );
+    }
+
+    /// The writes, in order.
+    fn iter(&self) -> impl Iterator<Item = backend::Op<'_>> + '_ {
+        self.ops.iter().map(|(key, value)| {
+            (
+                &self.data[key.clone()],
+                value.as_ref().map(|v| &self.data[v.clone()]),
+            )
+        })
+    }
+
+    fn push_key(&mut self, key: &[u8]) -> Range<usize> {
+        let start = self.data.len();
+        self.data.extend_from_slice(key);
+        start..self.data.len()
     }
 
     fn put(&mut self, key: &[u8], value: &impl Serialize) {
-        let value = postcard::to_stdvec(value).expect("store records always serialize");
-        self.ops.push((key.to_vec(), Some(value)));
+        let key = self.push_key(key);
+        let start = self.data.len();
+        self.data = postcard::to_extend(value, std::mem::take(&mut self.data))
+            .expect("store records always serialize");
+        self.ops.push((key, Some(start..self.data.len())));
+    }
+
+    fn put_raw(&mut self, key: &[u8], value: &[u8]) {
+        let key = self.push_key(key);
+        let value = self.push_key(value);
+        self.ops.push((key, Some(value)));
     }
 
     fn remove(&mut self, key: &[u8]) {
-        self.ops.push((key.to_vec(), None));
+        let key = self.push_key(key);
+        self.ops.push((key, None));
     }
 
     pub fn append_event(&mut self, conv: ConversationId, seq: Seq, event: &StoredEvent) {
@@ -151,54 +212,67 @@ impl WriteBatch {
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub path: PathBuf,
-    /// sled's page cache. Without a cap sled's RSS grows with the data (about 300 MB per
+    /// The engine's cache. Without a cap sled's RSS grows with the data (about 300 MB per
     /// million messages at its 1 GB default).
     pub cache_bytes: u64,
+    /// The engine a new store is made with; an existing store must have been made with it.
+    pub backend: BackendKind,
+}
+
+impl StoreConfig {
+    /// The engine of an existing store at `path` (sled for a new one), for tools that open
+    /// whatever store a data directory holds.
+    pub fn existing(path: PathBuf, cache_bytes: u64) -> Result<StoreConfig, StoreError> {
+        let backend = backend::detect(&path)?.unwrap_or_default();
+        Ok(StoreConfig {
+            path,
+            cache_bytes,
+            backend,
+        })
+    }
 }
 
 /// The handle to the store. Cheap to clone; the writer thread lives as long as any handle.
 #[derive(Clone, Debug)]
 pub struct Store {
-    tree: sled::Tree,
+    backend: Arc<dyn Backend>,
+    kind: BackendKind,
+    path: PathBuf,
     epoch: Epoch,
     commits: mpsc::UnboundedSender<writer::Job>,
-    stats: std::sync::Arc<WriterStats>,
+    stats: Arc<WriterStats>,
 }
 
 impl Store {
     /// Opens the store at `config.path`, creating it (with a new epoch) if it does not exist.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&config.path)
-            .map_err(|e| StoreError::Io(format!("creating {}: {e}", config.path.display())))?;
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_bytes)
-            // The writer flushes after every batch; a background flusher would only add IO.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| open_error(&config.path, e))?;
-        let tree = db.open_tree("quip")?;
-        let stats = std::sync::Arc::new(WriterStats::default());
-        let mut durability = writer::Durability::open(&config.path, stats.clone())?;
+        let stats = Arc::new(WriterStats::default());
+        let opened = backend::open(
+            &config.path,
+            config.backend,
+            config.cache_bytes,
+            stats.clone(),
+        )?;
+        let backend = opened.backend;
 
-        let epoch = match tree.get(keys::META_EPOCH)? {
+        let epoch = match backend.get(keys::META_EPOCH)? {
             Some(bytes) => Epoch(
                 bytes
-                    .as_ref()
+                    .as_slice()
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("epoch is not 16 bytes".into()))?,
             ),
             None => {
                 let epoch = Epoch(rand::random());
-                tree.insert(keys::META_EPOCH, &epoch.0)?;
-                tree.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
-                durability.sync()?;
+                let mut batch = WriteBatch::new();
+                batch.put_raw(keys::META_EPOCH, &epoch.0);
+                batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+                backend.apply_durably(&mut batch.iter())?;
                 epoch
             }
         };
-        match tree.get(keys::META_SCHEMA)? {
-            Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => {}
+        match backend.get(keys::META_SCHEMA)? {
+            Some(v) if v == SCHEMA_VERSION.to_be_bytes() => {}
             other => {
                 return Err(StoreError::Corrupt(format!(
                     "store schema {other:?} is not version {SCHEMA_VERSION}"
@@ -207,13 +281,38 @@ impl Store {
         }
 
         let (commits, rx) = mpsc::unbounded_channel();
-        writer::spawn(db, tree.clone(), durability, rx, stats.clone())?;
+        writer::spawn(backend.clone(), rx, stats.clone())?;
         Ok(Store {
-            tree,
+            backend,
+            kind: opened.kind,
+            path: config.path.clone(),
             epoch,
             commits,
             stats,
         })
+    }
+
+    /// The engine this store runs on.
+    pub fn backend(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// Bytes the store's files take on disk (their lengths, summed).
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        fn walk(dir: &Path) -> std::io::Result<u64> {
+            let mut total = 0;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                total += if meta.is_dir() {
+                    walk(&entry.path())?
+                } else {
+                    meta.len()
+                };
+            }
+            Ok(total)
+        }
+        walk(&self.path).map_err(|e| StoreError::Io(format!("{}: {e}", self.path.display())))
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -224,17 +323,15 @@ impl Store {
     /// restart, a restarted daemon can tell clients of the previous process at once that their
     /// connection is gone, instead of leaving them to wait for the idle timeout.
     pub async fn stateless_reset_key(&self) -> Result<[u8; 32], StoreError> {
-        if let Some(key) = self.tree.get(keys::META_RESET_KEY)? {
+        if let Some(key) = self.backend.get(keys::META_RESET_KEY)? {
             return key
-                .as_ref()
+                .as_slice()
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("reset key is not 32 bytes".into()));
         }
         let key: [u8; 32] = rand::random();
         let mut batch = WriteBatch::new();
-        batch
-            .ops
-            .push((keys::META_RESET_KEY.to_vec(), Some(key.to_vec())));
+        batch.put_raw(keys::META_RESET_KEY, &key);
         self.commit(batch).await?;
         Ok(key)
     }
@@ -260,8 +357,7 @@ impl Store {
         }
     }
 
-    /// Resolves once everything committed before this call is durable (and sled's log is
-    /// flushed), for a clean shutdown.
+    /// Resolves once everything committed before this call is durable, for a clean shutdown.
     pub fn sync(
         &self,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
@@ -276,7 +372,7 @@ impl Store {
             .send(writer::Job::Cut(reply))
             .map_err(|_| StoreError::Closed)?;
         let cut = cut.await.map_err(|_| StoreError::Closed)??;
-        Ok(backup::Snapshot::new(self.tree.clone(), self.epoch, cut))
+        Ok(backup::Snapshot::new(self.backend.clone(), self.epoch, cut))
     }
 
     pub fn conversation(
@@ -288,23 +384,32 @@ impl Store {
 
     /// Every conversation, ascending by id.
     pub fn conversations(&self) -> Result<Vec<ConversationId>, StoreError> {
-        self.tree
-            .scan_prefix([keys::CONV_STATE])
-            .keys()
-            .map(|key| {
-                keys::conversation_id(&key?)
-                    .ok_or_else(|| StoreError::Corrupt("conversation key length".into()))
-            })
-            .collect()
+        let mut ids = Vec::new();
+        let mut corrupt = false;
+        self.backend.scan_prefix(
+            &[keys::CONV_STATE],
+            Order::Ascending,
+            usize::MAX,
+            &mut |key, _| match keys::conversation_id(key) {
+                Some(id) => {
+                    ids.push(id);
+                    ControlFlow::Continue(())
+                }
+                None => {
+                    corrupt = true;
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if corrupt {
+            return Err(StoreError::Corrupt("conversation key length".into()));
+        }
+        Ok(ids)
     }
 
     /// The seq of the conversation's last event, `Seq::ZERO` when it has none.
     pub fn head(&self, conv: ConversationId) -> Result<Seq, StoreError> {
-        let prefix = &keys::event(conv, Seq::ZERO)[..9];
-        let last = self.tree.scan_prefix(prefix).next_back().transpose()?;
-        Ok(last
-            .and_then(|(key, _)| keys::event_seq(&key))
-            .unwrap_or(Seq::ZERO))
+        head(&*self.backend, conv)
     }
 
     /// Up to `limit` events with seq > `after`, ascending.
@@ -314,13 +419,39 @@ impl Store {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        let mut events = Vec::with_capacity(limit.min(1024));
+        self.visit_events_after(conv, after, limit, &mut |event| {
+            events.push(event);
+            ControlFlow::Continue(())
+        })?;
+        Ok(events)
+    }
+
+    /// Hands up to `limit` events with seq > `after`, ascending, to `visit`, without collecting
+    /// them first.
+    pub fn visit_events_after(
+        &self,
+        conv: ConversationId,
+        after: Seq,
+        limit: usize,
+        visit: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         let start = keys::event(conv, after.next());
         let end = keys::event(conv, Seq(u64::MAX));
-        self.tree
-            .range(start..=end)
-            .take(limit)
-            .map(|entry| decode_event(entry?))
-            .collect()
+        let mut failed = None;
+        self.backend.scan(
+            (Bound::Included(&start), Bound::Included(&end)),
+            Order::Ascending,
+            limit,
+            &mut |key, value| match decode_event(key, value) {
+                Ok(event) => visit(event),
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// Up to `limit` events with seq < `before`, the newest ones, ascending.
@@ -332,13 +463,26 @@ impl Store {
     ) -> Result<Vec<Event>, StoreError> {
         let start = keys::event(conv, Seq(1));
         let end = keys::event(conv, before);
-        let mut events = self
-            .tree
-            .range(start..end)
-            .rev()
-            .take(limit)
-            .map(|entry| decode_event(entry?))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut events = Vec::new();
+        let mut failed = None;
+        self.backend.scan(
+            (Bound::Included(&start), Bound::Excluded(&end)),
+            Order::Descending,
+            limit,
+            &mut |key, value| match decode_event(key, value) {
+                Ok(event) => {
+                    events.push(event);
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
         events.reverse();
         Ok(events)
     }
@@ -363,17 +507,27 @@ impl Store {
     /// The conversations `user` is a member of, ascending.
     pub fn user_conversations(&self, user: &UserName) -> Result<Vec<ConversationId>, StoreError> {
         let prefix = keys::membership_prefix(user);
-        self.tree
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|key| {
-                let key = key?;
-                let bytes: [u8; 8] = key[prefix.len()..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("membership key length".into()))?;
-                Ok(ConversationId(u64::from_be_bytes(bytes)))
-            })
-            .collect()
+        let mut convs = Vec::new();
+        let mut failed = false;
+        self.backend.scan_prefix(
+            &prefix,
+            Order::Ascending,
+            usize::MAX,
+            &mut |key, _| match key[prefix.len()..].try_into() {
+                Ok(bytes) => {
+                    convs.push(ConversationId(u64::from_be_bytes(bytes)));
+                    ControlFlow::Continue(())
+                }
+                Err(_) => {
+                    failed = true;
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if failed {
+            return Err(StoreError::Corrupt("membership key length".into()));
+        }
+        Ok(convs)
     }
 
     pub fn user(&self, user: &UserName) -> Result<Option<UserRecord>, StoreError> {
@@ -382,16 +536,27 @@ impl Store {
 
     /// Every user, by name.
     pub fn users(&self) -> Result<Vec<UserName>, StoreError> {
-        self.tree
-            .scan_prefix([keys::USER_RECORD])
-            .keys()
-            .map(|key| {
-                let key = key?;
-                String::from_utf8(key[1..].to_vec())
-                    .map(UserName)
-                    .map_err(|_| StoreError::Corrupt("user name is not UTF-8".into()))
-            })
-            .collect()
+        let mut users = Vec::new();
+        let mut failed = false;
+        self.backend.scan_prefix(
+            &[keys::USER_RECORD],
+            Order::Ascending,
+            usize::MAX,
+            &mut |key, _| match String::from_utf8(key[1..].to_vec()) {
+                Ok(name) => {
+                    users.push(UserName(name));
+                    ControlFlow::Continue(())
+                }
+                Err(_) => {
+                    failed = true;
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if failed {
+            return Err(StoreError::Corrupt("user name is not UTF-8".into()));
+        }
+        Ok(users)
     }
 
     pub fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
@@ -399,29 +564,29 @@ impl Store {
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        self.tree.get(key)?.map(|bytes| decode(&bytes)).transpose()
+        self.backend
+            .get(key)?
+            .map(|bytes| decode(&bytes))
+            .transpose()
     }
+}
+
+/// The seq of a conversation's last event, `Seq::ZERO` when it has none.
+fn head(backend: &dyn Backend, conv: ConversationId) -> Result<Seq, StoreError> {
+    let prefix = &keys::event(conv, Seq::ZERO)[..9];
+    let last = backend.last_with_prefix(prefix)?;
+    Ok(last
+        .and_then(|key| keys::event_seq(&key))
+        .unwrap_or(Seq::ZERO))
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn decode_event((key, value): (sled::IVec, sled::IVec)) -> Result<Event, StoreError> {
-    let seq = keys::event_seq(&key).ok_or_else(|| StoreError::Corrupt("event key".into()))?;
-    Ok(decode::<StoredEvent>(&value)?.into_event(seq))
-}
-
-fn open_error(path: &Path, e: sled::Error) -> StoreError {
-    match &e {
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-            StoreError::Locked(path.to_owned())
-        }
-        _ if e.to_string().contains("could not acquire lock") => {
-            StoreError::Locked(path.to_owned())
-        }
-        _ => StoreError::Io(format!("opening {}: {e}", path.display())),
-    }
+fn decode_event(key: &[u8], value: &[u8]) -> Result<Event, StoreError> {
+    let seq = keys::event_seq(key).ok_or_else(|| StoreError::Corrupt("event key".into()))?;
+    Ok(decode::<StoredEvent>(value)?.into_event(seq))
 }
 
 #[cfg(test)]

@@ -1,15 +1,57 @@
+//! The store's conformance suite: every test runs against each engine (`on_sled::*` and
+//! `on_fjall::*`), through the public `Store` interface, so both behave the same.
+
 use super::*;
+
+/// Runs each named `async fn(BackendKind)` once per engine.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod on_sled {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::BackendKind::Sled).await
+                }
+            )*
+        }
+        mod on_fjall {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::BackendKind::Fjall).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    committed_events_survive_reopen_with_the_same_epoch,
+    a_second_process_is_refused_with_a_clear_error,
+    concurrent_commits_are_grouped_into_fewer_flushes,
+    memberships_and_message_ids_are_found_again,
+    a_commit_resolves_only_after_an_fdatasync,
+    a_snapshot_under_writes_restores_to_a_prefix_with_a_new_epoch,
+    a_damaged_backup_is_refused_before_anything_is_written,
+    pages_stop_at_conversation_bounds_in_both_directions,
+    a_store_is_refused_by_the_other_engine,
+    empty_commits_and_syncs_resolve,
+);
 
 fn user(name: &str) -> UserName {
     name.parse().unwrap()
 }
 
-fn open(dir: &Path) -> Store {
-    Store::open(&StoreConfig {
+fn config(dir: &Path, kind: BackendKind) -> StoreConfig {
+    StoreConfig {
         path: dir.to_owned(),
         cache_bytes: 8 * 1024 * 1024,
-    })
-    .unwrap()
+        backend: kind,
+    }
+}
+
+fn open(dir: &Path, kind: BackendKind) -> Store {
+    Store::open(&config(dir, kind)).unwrap()
 }
 
 fn message(n: u64) -> StoredEvent {
@@ -23,12 +65,11 @@ fn message(n: u64) -> StoredEvent {
     }
 }
 
-#[tokio::test]
-async fn committed_events_survive_reopen_with_the_same_epoch() {
+async fn committed_events_survive_reopen_with_the_same_epoch(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let conv = ConversationId(1);
     let epoch = {
-        let store = open(dir.path());
+        let store = open(dir.path(), kind);
         let mut batch = WriteBatch::new();
         for n in 1..=300 {
             batch.append_event(conv, Seq(n), &message(n));
@@ -38,10 +79,7 @@ async fn committed_events_survive_reopen_with_the_same_epoch() {
     };
     // The writer thread releases sled's lock once every handle is gone.
     let store = loop {
-        match Store::open(&StoreConfig {
-            path: dir.path().to_owned(),
-            cache_bytes: 8 * 1024 * 1024,
-        }) {
+        match Store::open(&config(dir.path(), kind)) {
             Ok(store) => break store,
             Err(StoreError::Locked(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
             Err(e) => panic!("{e}"),
@@ -57,22 +95,16 @@ async fn committed_events_survive_reopen_with_the_same_epoch() {
     assert_eq!(store.head(ConversationId(2)).unwrap(), Seq::ZERO);
 }
 
-#[tokio::test]
-async fn a_second_process_is_refused_with_a_clear_error() {
+async fn a_second_process_is_refused_with_a_clear_error(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
-    let _first = open(dir.path());
-    let err = Store::open(&StoreConfig {
-        path: dir.path().to_owned(),
-        cache_bytes: 8 * 1024 * 1024,
-    })
-    .unwrap_err();
+    let _first = open(dir.path(), kind);
+    let err = Store::open(&config(dir.path(), kind)).unwrap_err();
     assert!(matches!(err, StoreError::Locked(_)), "{err}");
 }
 
-#[tokio::test]
-async fn concurrent_commits_are_grouped_into_fewer_flushes() {
+async fn concurrent_commits_are_grouped_into_fewer_flushes(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = open(dir.path(), kind);
     let commits: Vec<_> = (1..=200u64)
         .map(|n| {
             let mut batch = WriteBatch::new();
@@ -95,10 +127,9 @@ async fn concurrent_commits_are_grouped_into_fewer_flushes() {
     );
 }
 
-#[tokio::test]
-async fn memberships_and_message_ids_are_found_again() {
+async fn memberships_and_message_ids_are_found_again(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = open(dir.path(), kind);
     let conv = ConversationId(7);
     let mut batch = WriteBatch::new();
     batch.add_membership(&user("al"), conv);
@@ -124,10 +155,9 @@ async fn memberships_and_message_ids_are_found_again() {
     assert!(store.user_conversations(&user("al")).unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn a_commit_resolves_only_after_an_fdatasync() {
+async fn a_commit_resolves_only_after_an_fdatasync(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
+    let store = open(dir.path(), kind);
     let syncs = || {
         store
             .writer_stats()
@@ -149,10 +179,9 @@ fn message_id(n: u64) -> ClientMessageId {
     ClientMessageId(id)
 }
 
-#[tokio::test]
-async fn a_snapshot_under_writes_restores_to_a_prefix_with_a_new_epoch() {
+async fn a_snapshot_under_writes_restores_to_a_prefix_with_a_new_epoch(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir.path().join("a"));
+    let store = open(&dir.path().join("a"), kind);
     let convs = [ConversationId(1), ConversationId(2), ConversationId(3)];
     let record = ConversationRecord {
         title: "t".into(),
@@ -192,10 +221,10 @@ async fn a_snapshot_under_writes_restores_to_a_prefix_with_a_new_epoch() {
     assert_eq!(backup::inspect(&file).unwrap(), written);
 
     let restored_dir = dir.path().join("b");
-    let summary = backup::restore(&file, &restored_dir).unwrap();
+    let summary = backup::restore(&file, &restored_dir, kind).unwrap();
     assert_ne!(summary.epoch, store.epoch());
     assert_eq!(summary.backup_epoch, store.epoch());
-    let restored = open(&restored_dir);
+    let restored = open(&restored_dir, kind);
     assert_eq!(restored.epoch(), summary.epoch);
     assert_eq!(restored.users().unwrap(), vec![user("alice")]);
     for conv in convs {
@@ -219,15 +248,14 @@ async fn a_snapshot_under_writes_restores_to_a_prefix_with_a_new_epoch() {
         }
     }
     assert!(
-        backup::restore(&file, &restored_dir).is_err(),
+        backup::restore(&file, &restored_dir, kind).is_err(),
         "restore must refuse a store that is not empty"
     );
 }
 
-#[tokio::test]
-async fn a_damaged_backup_is_refused_before_anything_is_written() {
+async fn a_damaged_backup_is_refused_before_anything_is_written(kind: BackendKind) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir.path().join("a"));
+    let store = open(&dir.path().join("a"), kind);
     let mut batch = WriteBatch::new();
     batch.put_user(&user("alice"), &UserRecord { created_at_ms: 0 });
     store.commit(batch).await.unwrap();
@@ -237,10 +265,126 @@ async fn a_damaged_backup_is_refused_before_anything_is_written() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&file, &bytes).unwrap();
-    let err = backup::restore(&file, &dir.path().join("b")).unwrap_err();
+    let err = backup::restore(&file, &dir.path().join("b"), kind).unwrap_err();
     assert!(
         err.to_string().contains("not a usable quip backup"),
         "{err}"
     );
     assert!(!dir.path().join("b").exists());
+}
+
+async fn pages_stop_at_conversation_bounds_in_both_directions(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), kind);
+    let mut batch = WriteBatch::new();
+    // Neighbours on both sides, so that a scan that runs past its conversation shows.
+    for conv in [ConversationId(1), ConversationId(2), ConversationId(3)] {
+        for n in 1..=50 {
+            batch.append_event(conv, Seq(n), &message(n));
+        }
+    }
+    store.commit(batch).await.unwrap();
+    let conv = ConversationId(2);
+    assert_eq!(store.head(conv).unwrap(), Seq(50));
+    let seqs = |events: Vec<Event>| events.iter().map(|e| e.seq.0).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(store.events_after(conv, Seq(45), 100).unwrap()),
+        vec![46, 47, 48, 49, 50]
+    );
+    assert_eq!(
+        seqs(store.events_after(conv, Seq(0), 3).unwrap()),
+        vec![1, 2, 3]
+    );
+    assert!(store.events_after(conv, Seq(50), 10).unwrap().is_empty());
+    assert_eq!(
+        seqs(store.events_before(conv, Seq(51), 3).unwrap()),
+        vec![48, 49, 50]
+    );
+    assert_eq!(
+        seqs(store.events_before(conv, Seq(3), 100).unwrap()),
+        vec![1, 2]
+    );
+    assert_eq!(
+        store.event(conv, Seq(7)).unwrap().unwrap().body,
+        message(7).body
+    );
+    assert_eq!(store.event(ConversationId(4), Seq(1)).unwrap(), None);
+    let mut visited = 0;
+    store
+        .visit_events_after(conv, Seq(10), 100, &mut |event| {
+            visited += 1;
+            if event.seq == Seq(12) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(visited, 2, "a visitor's break stops the scan");
+}
+
+async fn a_store_is_refused_by_the_other_engine(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let other = match kind {
+        BackendKind::Sled => BackendKind::Fjall,
+        BackendKind::Fjall => BackendKind::Sled,
+    };
+    drop(open(dir.path(), kind));
+    let err = loop {
+        match Store::open(&config(dir.path(), other)) {
+            Err(StoreError::Locked(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => break e,
+            Ok(_) => panic!("a {kind} store opened as {other}"),
+        }
+    };
+    assert!(
+        matches!(err, StoreError::WrongBackend { found, wanted, .. } if found == kind && wanted == other),
+        "{err}"
+    );
+    assert_eq!(detect_backend(dir.path()).unwrap(), Some(kind));
+    let existing = StoreConfig::existing(dir.path().to_owned(), 1024 * 1024).unwrap();
+    assert_eq!(existing.backend, kind);
+}
+
+async fn empty_commits_and_syncs_resolve(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), kind);
+    store.sync().await.unwrap();
+    store.commit(WriteBatch::new()).await.unwrap();
+    assert_eq!(store.backend(), kind);
+    assert!(store.disk_bytes().unwrap() > 0);
+    assert_eq!(store.users().unwrap(), Vec::<UserName>::new());
+    assert_eq!(store.conversations().unwrap(), Vec::<ConversationId>::new());
+}
+
+#[test]
+fn a_store_made_before_the_marker_is_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("conf"), b"").unwrap();
+    assert_eq!(detect_backend(dir.path()).unwrap(), Some(BackendKind::Sled));
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(detect_backend(empty.path()).unwrap(), None);
+}
+
+#[test]
+fn batches_keep_their_writes_in_order_when_merged() {
+    let mut a = WriteBatch::new();
+    a.put_raw(b"k1", b"v1");
+    a.remove(b"k2");
+    let mut b = WriteBatch::new();
+    b.put_raw(b"k3", b"v3");
+    a.extend(b);
+    let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = a
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (b"k1".to_vec(), Some(b"v1".to_vec())),
+            (b"k2".to_vec(), None),
+            (b"k3".to_vec(), Some(b"v3".to_vec())),
+        ]
+    );
+    assert_eq!(a.len(), 3);
 }
