@@ -30,6 +30,7 @@ struct Daemon {
     addr: SocketAddr,
     data: tempfile::TempDir,
     stats: Arc<EphemeralStats>,
+    store: quipd::store::Store,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -42,6 +43,7 @@ impl Daemon {
         let server = Server::bind(&config).await.unwrap();
         let addr = server.local_addr().unwrap();
         let stats = server.ephemeral_stats();
+        let store = server.store();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -50,6 +52,7 @@ impl Daemon {
             addr,
             data,
             stats,
+            store,
             stop: Some(stop),
             task,
         }
@@ -322,6 +325,64 @@ async fn a_removed_member_stops_receiving_typing_at_once() {
         .await
         .is_none(),
         "bob was removed"
+    );
+    daemon.stop().await;
+}
+
+/// Invariant 5: typing and presence never reach the store. The store writer's counters stand
+/// still while indicators and presence changes flow, and move again for the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_and_presence_are_never_written_to_the_store() {
+    let daemon = Daemon::start(test_limits()).await;
+    let (a, b) = (daemon.user("alice").await, daemon.user("bob").await);
+    let alice = daemon.connect(&a).await;
+    let bob = daemon.connect(&b).await;
+    let conv = alice
+        .create_conversation("ab", &[name("bob")])
+        .await
+        .unwrap();
+    let mut bob_events = bob.ephemeral_events();
+    let writes = |store: &quipd::store::Store| {
+        let stats = store.writer_stats();
+        (stat(&stats.commits), stat(&stats.flushes))
+    };
+    let before = writes(&daemon.store);
+
+    for _ in 0..20 {
+        alice.stop_typing(conv).unwrap();
+        assert!(alice.typing(conv).unwrap());
+        wait_for(&mut bob_events, WAIT, is_typing(conv, "alice"))
+            .await
+            .expect("bob sees alice typing");
+    }
+    alice.set_away(true).await.unwrap();
+    wait_for(
+        &mut bob_events,
+        WAIT,
+        is_presence("alice", PresenceState::Away),
+    )
+    .await
+    .expect("bob sees alice away");
+    alice.set_away(false).await.unwrap();
+    wait_for(
+        &mut bob_events,
+        WAIT,
+        is_presence("alice", PresenceState::Online),
+    )
+    .await
+    .expect("bob sees alice back");
+    assert_eq!(
+        writes(&daemon.store),
+        before,
+        "typing and presence must not write to the store"
+    );
+
+    // The counters are live: a message moves them.
+    alice.send(conv, "now a real message").await.unwrap();
+    let after = writes(&daemon.store);
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "{before:?} -> {after:?}"
     );
     daemon.stop().await;
 }
