@@ -161,7 +161,9 @@ struct Follow {
     start: StartAt,
     route: mpsc::Sender<Delivered>,
     /// The delivery stream currently feeding it, once its `Start` arrived.
-    stream: Option<quinn::StreamId>,
+    /// Identified by connection too: a new connection numbers its streams from the start again,
+    /// and a stream of the old one may still hand over frames it had buffered.
+    stream: Option<(usize, quinn::StreamId)>,
     /// The caller of `subscribe`, until the server first answers.
     ready: Option<oneshot::Sender<Result<Seq, ClientError>>>,
 }
@@ -1269,12 +1271,16 @@ async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>, sha
 /// Accepts the server's delivery streams and feeds each to its conversation's subscription.
 async fn accept_deliveries(conn: quinn::Connection, shared: Weak<Shared>) {
     while let Ok(stream) = conn.accept_uni().await {
-        tokio::spawn(read_delivery(FrameReader::new(stream), shared.clone()));
+        let id = (conn.stable_id(), stream.id());
+        tokio::spawn(read_delivery(FrameReader::new(stream), id, shared.clone()));
     }
 }
 
-async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
-    let stream = reader.stream.id();
+async fn read_delivery(
+    mut reader: FrameReader,
+    stream: (usize, quinn::StreamId),
+    shared: Weak<Shared>,
+) {
     let conv = match reader.next::<DeliveryFrame>().await {
         Ok(Some(DeliveryFrame::Start { conv, .. })) => conv,
         _ => return,
