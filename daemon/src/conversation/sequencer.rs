@@ -703,4 +703,244 @@ mod tests {
         s.remove_member(&user("bob"), user("bob"), 0).unwrap();
         assert!(!s.is_member(&user("bob")));
     }
+
+    // Edits, deletes, reactions and replies: the rules at seq assignment.
+
+    fn msg(author: &str) -> TargetLookup {
+        TargetLookup::Message(TargetInfo {
+            author: user(author),
+            record: MessageRecord::default(),
+        })
+    }
+
+    fn act(
+        s: &mut Sequencer,
+        who: &str,
+        body: EventBody,
+        target: Option<TargetLookup>,
+    ) -> Result<Appended, ErrorBody> {
+        s.act(&user(who), body, StoredId::Unknown, target, 0)
+    }
+
+    fn edit(id: u8, target: u64, text: &str) -> EventBody {
+        EventBody::Edited {
+            id: ClientMessageId([id; 16]),
+            target: Seq(target),
+            text: text.into(),
+        }
+    }
+
+    fn delete(id: u8, target: u64) -> EventBody {
+        EventBody::Deleted {
+            id: ClientMessageId([id; 16]),
+            target: Seq(target),
+        }
+    }
+
+    fn react(id: u8, target: u64, emoji: &str) -> EventBody {
+        EventBody::ReactionAdded {
+            id: ClientMessageId([id; 16]),
+            target: Seq(target),
+            emoji: emoji.into(),
+        }
+    }
+
+    fn unreact(id: u8, target: u64, emoji: &str) -> EventBody {
+        EventBody::ReactionRemoved {
+            id: ClientMessageId([id; 16]),
+            target: Seq(target),
+            emoji: emoji.into(),
+        }
+    }
+
+    fn code(result: Result<Appended, ErrorBody>) -> ErrorCode {
+        result.expect_err("must be refused").code
+    }
+
+    #[test]
+    fn only_the_author_edits() {
+        let mut s = new_conversation();
+        let seq = new_seq(sent(&mut s, "bob", 1, "typo"));
+        assert_eq!(
+            code(act(&mut s, "alice", edit(2, seq.0, "x"), Some(msg("bob")))),
+            ErrorCode::FORBIDDEN,
+            "not even the creator edits another's message"
+        );
+        let target = s.pending_target(seq).cloned().map(TargetLookup::Message);
+        assert_eq!(
+            new_seq(act(&mut s, "bob", edit(3, seq.0, "fixed"), target)),
+            Seq(3)
+        );
+        assert_eq!(s.pending_target(seq).unwrap().record.edits, vec![Seq(3)]);
+    }
+
+    #[test]
+    fn the_author_or_the_creator_deletes_nobody_else() {
+        let mut s = new_conversation();
+        s.add_member(&user("alice"), user("carol"), true, 0)
+            .unwrap();
+        let bobs = new_seq(sent(&mut s, "bob", 1, "mine"));
+        assert_eq!(
+            code(act(&mut s, "carol", delete(2, bobs.0), Some(msg("bob")))),
+            ErrorCode::FORBIDDEN,
+            "a member who is not the creator cannot delete another's message"
+        );
+        // The creator can; and then it is gone for every later action.
+        new_seq(act(&mut s, "alice", delete(3, bobs.0), Some(msg("bob"))));
+        let target = s.pending_target(bobs).cloned().map(TargetLookup::Message);
+        assert!(s.pending_target(bobs).unwrap().record.deleted.is_some());
+        for body in [
+            edit(4, bobs.0, "x"),
+            react(5, bobs.0, "👍"),
+            delete(6, bobs.0),
+        ] {
+            assert_eq!(
+                code(act(&mut s, "bob", body, target.clone())),
+                ErrorCode::MESSAGE_DELETED
+            );
+        }
+        // The author deletes its own.
+        let carols = new_seq(sent(&mut s, "carol", 7, "hers"));
+        new_seq(act(
+            &mut s,
+            "carol",
+            delete(8, carols.0),
+            Some(msg("carol")),
+        ));
+    }
+
+    #[test]
+    fn a_delete_erases_the_message_and_its_edits() {
+        let mut s = new_conversation();
+        let seq = new_seq(sent(&mut s, "bob", 1, "secret"));
+        let target = || {
+            Some(TargetLookup::Message(TargetInfo {
+                author: user("bob"),
+                record: MessageRecord {
+                    edits: vec![Seq(3), Seq(4)],
+                    ..MessageRecord::default()
+                },
+            }))
+        };
+        match act(&mut s, "bob", delete(2, seq.0), target()) {
+            Ok(Appended::New(append)) => {
+                let erased = append.writes.erased_texts();
+                assert_eq!(erased, vec![seq, Seq(3), Seq(4)]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_reaction_per_emoji_per_user() {
+        let mut s = new_conversation();
+        let seq = new_seq(sent(&mut s, "alice", 1, "lunch?"));
+        let current = |s: &Sequencer| s.pending_target(seq).cloned().map(TargetLookup::Message);
+        let t = current(&s);
+        new_seq(act(&mut s, "bob", react(2, seq.0, "👍"), t));
+        let t = current(&s);
+        assert_eq!(
+            code(act(&mut s, "bob", react(3, seq.0, "👍"), t)),
+            ErrorCode::REACTION_EXISTS
+        );
+        let t = current(&s);
+        new_seq(act(&mut s, "bob", react(4, seq.0, "🍜"), t));
+        let t = current(&s);
+        new_seq(act(&mut s, "alice", react(5, seq.0, "👍"), t));
+        let t = current(&s);
+        assert_eq!(
+            code(act(&mut s, "alice", unreact(6, seq.0, "🍜"), t)),
+            ErrorCode::NO_REACTION
+        );
+        let t = current(&s);
+        new_seq(act(&mut s, "bob", unreact(7, seq.0, "👍"), t));
+        let reactions = &s.pending_target(seq).unwrap().record.reactions;
+        assert_eq!(reactions["👍"], [user("alice")].into());
+        assert_eq!(reactions["🍜"], [user("bob")].into());
+    }
+
+    #[test]
+    fn targets_must_be_messages_that_exist() {
+        let mut s = new_conversation();
+        for target in [None, Some(TargetLookup::Missing)] {
+            assert_eq!(
+                code(act(&mut s, "bob", edit(1, 99, "x"), target)),
+                ErrorCode::NOT_A_MESSAGE
+            );
+        }
+        assert_eq!(
+            code(act(
+                &mut s,
+                "bob",
+                react(2, 1, "👍"),
+                Some(TargetLookup::NotAMessage)
+            )),
+            ErrorCode::NOT_A_MESSAGE,
+            "the Created event is no message"
+        );
+        let reply = EventBody::Reply {
+            id: ClientMessageId([3; 16]),
+            text: "re".into(),
+            reply_to: Seq(1),
+        };
+        assert_eq!(
+            code(act(&mut s, "bob", reply, Some(TargetLookup::NotAMessage))),
+            ErrorCode::NOT_A_MESSAGE
+        );
+        assert_eq!(s.assigned(), Seq(1), "nothing refused takes a seq");
+    }
+
+    #[test]
+    fn a_non_member_learns_nothing_from_an_action() {
+        let mut s = new_conversation();
+        let seq = new_seq(sent(&mut s, "bob", 1, "hi"));
+        let err = act(&mut s, "mallory", react(2, seq.0, "👍"), Some(msg("bob"))).unwrap_err();
+        assert_eq!(err, ErrorBody::not_found());
+    }
+
+    #[test]
+    fn retried_actions_answer_the_original_seq_even_after_a_delete() {
+        let mut s = new_conversation();
+        let seq = new_seq(sent(&mut s, "bob", 1, "hi"));
+        let first = new_seq(act(
+            &mut s,
+            "alice",
+            react(2, seq.0, "👍"),
+            Some(msg("bob")),
+        ));
+        // In flight: the same id and body is the same reaction.
+        assert!(matches!(
+            act(&mut s, "alice", react(2, seq.0, "👍"), Some(msg("bob"))),
+            Ok(Appended::Duplicate(d)) if d == first
+        ));
+        // Another body under that id is refused.
+        assert_eq!(
+            code(act(
+                &mut s,
+                "alice",
+                react(2, seq.0, "🍜"),
+                Some(msg("bob"))
+            )),
+            ErrorCode::ID_REUSED
+        );
+        // Stored with its text erased (the message was deleted since): the id answers.
+        let stored = StoredId::Stored {
+            seq,
+            body: Some(EventBody::Message {
+                id: ClientMessageId([1; 16]),
+                text: String::new(),
+            }),
+        };
+        let retry = s.act(
+            &user("bob"),
+            EventBody::Message {
+                id: ClientMessageId([1; 16]),
+                text: "hi".into(),
+            },
+            stored,
+            None,
+            0,
+        );
+        assert!(matches!(retry, Ok(Appended::Duplicate(d)) if d == seq));
+    }
 }

@@ -258,6 +258,17 @@ impl WriteBatch {
         self.remove(&keys::message_state(conv, seq));
     }
 
+    /// The seqs whose texts this batch erases, in order (for tests of the rules that erase).
+    pub fn erased_texts(&self) -> Vec<Seq> {
+        self.texts
+            .iter()
+            .filter_map(|op| match op {
+                TextOp::Erase { seq, .. } => Some(*seq),
+                TextOp::Put { .. } => None,
+            })
+            .collect()
+    }
+
     pub fn put_receipt(&mut self, conv: ConversationId, user: &UserName, record: &ReceiptRecord) {
         self.put(&keys::receipt(conv, user), record);
     }
