@@ -675,4 +675,43 @@ mod tests {
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.metrics_listen, Some("127.0.0.1:4".parse().unwrap()));
     }
+
+    #[test]
+    fn push_and_retention_sections_become_their_settings() {
+        let config = server_config(
+            "[push]\nurl = \"http://127.0.0.1:9/push\"\npreview = \"text\"\nper_user_per_minute = 12\n\
+             [retention]\nkeep_events = 100\n[retention.conversations.42]\nkeep_days = 2\n",
+        )
+        .unwrap();
+        let push = config.push.unwrap();
+        assert_eq!(
+            push.hook,
+            Hook::Http {
+                url: "http://127.0.0.1:9/push".into()
+            }
+        );
+        assert_eq!(push.preview, Preview::Text);
+        assert_eq!(push.per_user_interval, Duration::from_secs(5));
+        let conv = quip_protocol::ConversationId(42);
+        assert_eq!(config.retention.default.keep_events, Some(100));
+        assert_eq!(
+            config.retention.of(conv).keep_for,
+            Some(Duration::from_secs(2 * 86_400))
+        );
+        assert_eq!(config.retention.of(conv).keep_events, None);
+        assert!(server_config("").unwrap().push.is_none());
+        assert!(server_config("").unwrap().retention.default.is_off());
+        let command = server_config("[push]\ncommand = [\"/bin/cat\", \"-\"]\n").unwrap();
+        assert!(matches!(command.push.unwrap().hook, Hook::Command { .. }));
+        assert_eq!(error_key("[push]\nurl = \"ftp://x\"\n"), "push.url");
+        assert_eq!(
+            error_key("[push]\nurl = \"http://x\"\ncommand = [\"a\"]\n"),
+            "push.command"
+        );
+        assert_eq!(error_key("[push]\npreview = \"all\"\n"), "push.preview");
+        assert_eq!(
+            error_key("[retention.conversations.abc]\nkeep_days = 1\n"),
+            "retention.conversations"
+        );
+    }
 }
