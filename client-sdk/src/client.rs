@@ -114,6 +114,9 @@ struct State {
     own_ids: RecentIds,
     /// Per conversation, the furthest seq handed to the app and not yet reported delivered.
     unreported: HashMap<ConversationId, Seq>,
+    /// Cursors of subscriptions the app dropped: still the last seq it was given, for the
+    /// state file.
+    left: HashMap<ConversationId, Position>,
 }
 
 /// A bounded set of recently used client message ids.
@@ -215,6 +218,7 @@ impl Client {
                 follows: HashMap::new(),
                 own_ids,
                 unreported: HashMap::new(),
+                left: HashMap::new(),
             }),
             link_changed,
             persist: saved.as_ref().map(|_| Arc::new(Notify::new())),
@@ -577,7 +581,12 @@ impl Client {
                     return;
                 };
                 let mut state = lock(&shared.state);
-                state.follows.remove(&conv);
+                if let Some(follow) = state.follows.remove(&conv) {
+                    if let Some(seq) = follow.cursor.at {
+                        let epoch = follow.epoch;
+                        state.left.insert(conv, Position { epoch, seq });
+                    }
+                }
                 if let Link::Up(session) = &state.link {
                     let _ = session.outgoing.send(Outgoing {
                         request: Request::Unsubscribe { conv },
@@ -792,7 +801,13 @@ impl Client {
             session.conn.close(0u32.into(), b"bye");
         }
         if let Some(path) = &self.shared.config.state_file {
-            if let Err(e) = self.shared.snapshot().save(path) {
+            // Cursors of conversations no longer followed (a dropped subscription) are kept as
+            // the file has them, as the background writer does.
+            let mut state = SavedState::load(path).unwrap_or_default();
+            let now = self.shared.snapshot();
+            state.cursors.extend(now.cursors);
+            state.outbox = now.outbox;
+            if let Err(e) = state.save(path) {
                 tracing::warn!(error = %e, "could not write the state file");
             }
         }
@@ -809,21 +824,19 @@ impl Shared {
 
     fn snapshot(&self) -> SavedState {
         let state = lock(&self.state);
+        let mut cursors = state.left.clone();
+        cursors.extend(state.follows.iter().filter_map(|(conv, follow)| {
+            let seq = follow.cursor.at?;
+            Some((
+                *conv,
+                Position {
+                    epoch: follow.epoch,
+                    seq,
+                },
+            ))
+        }));
         SavedState {
-            cursors: state
-                .follows
-                .iter()
-                .filter_map(|(conv, follow)| {
-                    let seq = follow.cursor.at?;
-                    Some((
-                        *conv,
-                        Position {
-                            epoch: follow.epoch,
-                            seq,
-                        },
-                    ))
-                })
-                .collect(),
+            cursors: cursors.into_iter().collect(),
             outbox: state.outbox.pending().map(|(_, e)| e.clone()).collect(),
         }
     }
