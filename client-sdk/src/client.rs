@@ -14,18 +14,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use std::collections::{HashSet, VecDeque};
+
 use quip_protocol::{
     encode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ClientMessageId,
     ConversationId, ConversationSummary, DeliveryFrame, Epoch, ErrorCode, Event, FrameDecoder,
-    Position, PresenceInfo, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
+    InboxEntry, MessageState, Position, PresenceInfo, Receipt, Request, RequestId, Response, Seq,
+    ServerFrame, StartAt, UserName,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 
 use crate::ephemeral::{self, EphemeralEvent, EphemeralEvents, PresenceVersions};
-use crate::outbox::{is_permanent, Admit, Cursor, Outbox, OutboxEntry};
+use crate::outbox::{is_permanent, Action, Admit, Cursor, Outbox, OutboxEntry};
 use crate::persist::SavedState;
-use crate::subscription::{Delivered, Subscription};
+use crate::subscription::{Delivered, Origin, Subscription};
 use crate::{ClientConfig, ClientError};
 
 /// Events buffered per subscription before the client stops reading its stream (and QUIC flow
@@ -33,6 +36,21 @@ use crate::{ClientConfig, ClientError};
 const SUBSCRIPTION_BUFFER: usize = 1024;
 /// Coalescing delay of state-file writes.
 const PERSIST_DELAY: Duration = Duration::from_millis(20);
+/// Coalescing delay of delivery receipts: one request per conversation per this, at most.
+const REPORT_DELAY: Duration = Duration::from_millis(100);
+/// Client message ids this client remembers having used, to tell its own events apart.
+const OWN_IDS: usize = 8192;
+
+/// A page of history with the current state of each of its messages (see [`Client::page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub events: Vec<Event>,
+    /// One per message (plain or reply) among `events`, in the same order.
+    pub states: Vec<MessageState>,
+    pub head: Seq,
+    /// The oldest seq the server still has (1 unless retention removed older events).
+    pub oldest: Seq,
+}
 
 /// An acknowledged send: the message is durable at `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +83,8 @@ struct Shared {
     malformed_datagrams: Arc<AtomicU64>,
     /// When `Typing` was last sent, per conversation: repeats are sent every `TYPING_REFRESH_MS`.
     typing_sent: Mutex<HashMap<ConversationId, Instant>>,
+    /// Wakes the task that reports delivery receipts.
+    report: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -90,6 +110,37 @@ struct State {
     outbox: Outbox,
     send_waiters: HashMap<u64, oneshot::Sender<Result<Sent, ClientError>>>,
     follows: HashMap<ConversationId, Follow>,
+    /// Client message ids this client used, newest last.
+    own_ids: RecentIds,
+    /// Per conversation, the furthest seq handed to the app and not yet reported delivered.
+    unreported: HashMap<ConversationId, Seq>,
+    /// Cursors of subscriptions the app dropped: still the last seq it was given, for the
+    /// state file.
+    left: HashMap<ConversationId, Position>,
+}
+
+/// A bounded set of recently used client message ids.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<(ConversationId, ClientMessageId)>,
+    order: VecDeque<(ConversationId, ClientMessageId)>,
+}
+
+impl RecentIds {
+    fn insert(&mut self, id: (ConversationId, ClientMessageId)) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > OWN_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &(ConversationId, ClientMessageId)) -> bool {
+        self.set.contains(id)
+    }
 }
 
 enum Link {
@@ -113,7 +164,9 @@ struct Follow {
     start: StartAt,
     route: mpsc::Sender<Delivered>,
     /// The delivery stream currently feeding it, once its `Start` arrived.
-    stream: Option<quinn::StreamId>,
+    /// Identified by connection too: a new connection numbers its streams from the start again,
+    /// and a stream of the old one may still hand over frames it had buffered.
+    stream: Option<(usize, quinn::StreamId)>,
     /// The caller of `subscribe`, until the server first answers.
     ready: Option<oneshot::Sender<Result<Seq, ClientError>>>,
 }
@@ -148,7 +201,9 @@ impl Client {
         let established = establish(&config, &endpoint).await?;
         let (link_changed, _) = watch::channel(0);
         let mut outbox = Outbox::default();
+        let mut own_ids = RecentIds::default();
         for entry in saved.iter().flat_map(|s| s.outbox.iter()) {
+            own_ids.insert((entry.conv, entry.id));
             outbox.push(entry.clone());
         }
         let shared = Arc::new(Shared {
@@ -161,6 +216,9 @@ impl Client {
                 outbox,
                 send_waiters: HashMap::new(),
                 follows: HashMap::new(),
+                own_ids,
+                unreported: HashMap::new(),
+                left: HashMap::new(),
             }),
             link_changed,
             persist: saved.as_ref().map(|_| Arc::new(Notify::new())),
@@ -169,9 +227,13 @@ impl Client {
             presence_versions: PresenceVersions::default(),
             malformed_datagrams: Arc::new(AtomicU64::new(0)),
             typing_sent: Mutex::new(HashMap::new()),
+            report: Arc::new(Notify::new()),
         });
         if let Some(notify) = &shared.persist {
             tokio::spawn(persist_loop(Arc::downgrade(&shared), notify.clone(), saved));
+        }
+        if shared.config.report_delivered {
+            tokio::spawn(report_loop(Arc::downgrade(&shared), shared.report.clone()));
         }
         let conn = start_session(&shared, established);
         tokio::spawn(supervise(Arc::downgrade(&shared), conn));
@@ -306,22 +368,106 @@ impl Client {
         // The server ends this user's typing indicator when the message is sequenced; the next
         // keystroke announces typing afresh.
         lock(&self.shared.typing_sent).remove(&conv);
-        let (waiter, answer) = oneshot::channel();
-        let entry = OutboxEntry {
+        self.submit(OutboxEntry::message(conv, id, text))
+    }
+
+    /// Sends a message that replies to the message at `reply_to`. Like [`Client::send`]: kept
+    /// in the outbox, in order with other sends, until acknowledged.
+    pub fn reply(
+        &self,
+        conv: ConversationId,
+        reply_to: Seq,
+        text: impl Into<String>,
+    ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        lock(&self.shared.typing_sent).remove(&conv);
+        self.submit(OutboxEntry {
             conv,
-            id,
+            id: ClientMessageId(rand::random()),
             text: text.into(),
-        };
+            action: Action::Reply { reply_to },
+        })
+    }
+
+    /// Replaces the text of the user's own message at `target`.
+    pub fn edit(
+        &self,
+        conv: ConversationId,
+        target: Seq,
+        text: impl Into<String>,
+    ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        self.submit(OutboxEntry {
+            conv,
+            id: ClientMessageId(rand::random()),
+            text: text.into(),
+            action: Action::Edit { target },
+        })
+    }
+
+    /// Deletes the message at `target` for everyone (the user's own, or any if the user created
+    /// the conversation).
+    pub fn delete(
+        &self,
+        conv: ConversationId,
+        target: Seq,
+    ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        self.submit(OutboxEntry {
+            conv,
+            id: ClientMessageId(rand::random()),
+            text: String::new(),
+            action: Action::Delete { target },
+        })
+    }
+
+    /// Adds the user's reaction `emoji` to the message at `target`.
+    pub fn react(
+        &self,
+        conv: ConversationId,
+        target: Seq,
+        emoji: impl Into<String>,
+    ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        self.submit(OutboxEntry {
+            conv,
+            id: ClientMessageId(rand::random()),
+            text: String::new(),
+            action: Action::React {
+                target,
+                emoji: emoji.into(),
+            },
+        })
+    }
+
+    /// Takes back the user's reaction `emoji` to the message at `target`.
+    pub fn unreact(
+        &self,
+        conv: ConversationId,
+        target: Seq,
+        emoji: impl Into<String>,
+    ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        self.submit(OutboxEntry {
+            conv,
+            id: ClientMessageId(rand::random()),
+            text: String::new(),
+            action: Action::Unreact {
+                target,
+                emoji: emoji.into(),
+            },
+        })
+    }
+
+    /// Queues an action now, in call order with every other one, keeps it in the outbox (and
+    /// the state file) until acknowledged, and re-sends it with the same id after a reconnect.
+    pub fn submit(
+        &self,
+        entry: OutboxEntry,
+    ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
+        let (waiter, answer) = oneshot::channel();
         {
             let mut state = lock(&self.shared.state);
             if let Link::Closed(e) = &state.link {
                 let _ = waiter.send(Err(e.clone()));
             } else {
-                let request = Request::Send {
-                    conv,
-                    id,
-                    text: entry.text.clone(),
-                };
+                let request = entry.request();
+                state.own_ids.insert((entry.conv, entry.id));
                 let key = state.outbox.push(entry);
                 state.send_waiters.insert(key, waiter);
                 if let Link::Up(session) = &state.link {
@@ -354,6 +500,7 @@ impl Client {
         };
         match self.request(request).await? {
             Response::History { events, head, .. } => Ok((events, head)),
+            Response::Pruned { oldest, head, .. } => Err(ClientError::Pruned { oldest, head }),
             other => Err(unexpected(other)),
         }
     }
@@ -428,12 +575,18 @@ impl Client {
             head,
             events,
             finished: false,
+            receipts: Default::default(),
             on_drop: Some(Box::new(move || {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
                 let mut state = lock(&shared.state);
-                state.follows.remove(&conv);
+                if let Some(follow) = state.follows.remove(&conv) {
+                    if let Some(seq) = follow.cursor.at {
+                        let epoch = follow.epoch;
+                        state.left.insert(conv, Position { epoch, seq });
+                    }
+                }
                 if let Link::Up(session) = &state.link {
                     let _ = session.outgoing.send(Outgoing {
                         request: Request::Unsubscribe { conv },
@@ -464,6 +617,67 @@ impl Client {
     ) -> Result<Seq, ClientError> {
         match self.request(Request::RemoveMember { conv, user }).await? {
             Response::MembershipChanged { seq, .. } => Ok(seq),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves the user's "read up to" cursor (and "delivered up to") in `conv` forward to `seq`;
+    /// the user's other devices and the other members see it on their subscriptions. Returns the
+    /// cursors after the change (a cursor never moves back).
+    pub async fn mark_read(&self, conv: ConversationId, seq: Seq) -> Result<Receipt, ClientError> {
+        match self.request(Request::MarkRead { conv, seq }).await? {
+            Response::Receipt { receipt, .. } => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves the user's "delivered up to" cursor forward. The client does this by itself for
+    /// what its subscriptions receive (unless `ClientConfig::report_delivered` is off).
+    pub async fn mark_delivered(
+        &self,
+        conv: ConversationId,
+        seq: Seq,
+    ) -> Result<Receipt, ClientError> {
+        match self.request(Request::MarkDelivered { conv, seq }).await? {
+            Response::Receipt { receipt, .. } => Ok(receipt),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every conversation of the user with its head, the user's cursors and unread count.
+    pub async fn inbox(&self) -> Result<Vec<InboxEntry>, ClientError> {
+        match self.request(Request::Inbox).await? {
+            Response::Inbox { conversations } => Ok(conversations),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Like [`Client::history`], with the current state of every message of the page (latest
+    /// text, tombstone, reactions) and the oldest seq still stored.
+    pub async fn page(
+        &self,
+        conv: ConversationId,
+        before: Option<Seq>,
+        limit: u32,
+    ) -> Result<Page, ClientError> {
+        let request = Request::Page {
+            conv,
+            before,
+            limit: limit.clamp(1, limits::MAX_HISTORY_LIMIT),
+        };
+        match self.request(request).await? {
+            Response::Page {
+                events,
+                states,
+                head,
+                oldest,
+                ..
+            } => Ok(Page {
+                events,
+                states,
+                head,
+                oldest,
+            }),
             other => Err(unexpected(other)),
         }
     }
@@ -587,7 +801,13 @@ impl Client {
             session.conn.close(0u32.into(), b"bye");
         }
         if let Some(path) = &self.shared.config.state_file {
-            if let Err(e) = self.shared.snapshot().save(path) {
+            // Cursors of conversations no longer followed (a dropped subscription) are kept as
+            // the file has them, as the background writer does.
+            let mut state = SavedState::load(path).unwrap_or_default();
+            let now = self.shared.snapshot();
+            state.cursors.extend(now.cursors);
+            state.outbox = now.outbox;
+            if let Err(e) = state.save(path) {
                 tracing::warn!(error = %e, "could not write the state file");
             }
         }
@@ -604,21 +824,19 @@ impl Shared {
 
     fn snapshot(&self) -> SavedState {
         let state = lock(&self.state);
+        let mut cursors = state.left.clone();
+        cursors.extend(state.follows.iter().filter_map(|(conv, follow)| {
+            let seq = follow.cursor.at?;
+            Some((
+                *conv,
+                Position {
+                    epoch: follow.epoch,
+                    seq,
+                },
+            ))
+        }));
         SavedState {
-            cursors: state
-                .follows
-                .iter()
-                .filter_map(|(conv, follow)| {
-                    let seq = follow.cursor.at?;
-                    Some((
-                        *conv,
-                        Position {
-                            epoch: follow.epoch,
-                            seq,
-                        },
-                    ))
-                })
-                .collect(),
+            cursors: cursors.into_iter().collect(),
             outbox: state.outbox.pending().map(|(_, e)| e.clone()).collect(),
         }
     }
@@ -661,11 +879,7 @@ impl Shared {
                 };
                 if let (Some(entry), Link::Up(session)) = (state.outbox.get(key), &state.link) {
                     let outgoing = session.outgoing.clone();
-                    let request = Request::Send {
-                        conv: entry.conv,
-                        id: entry.id,
-                        text: entry.text.clone(),
-                    };
+                    let request = entry.request();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
                         let _ = outgoing.send(Outgoing {
@@ -705,6 +919,7 @@ impl Shared {
             Ok(Response::CursorReset { epoch, head, .. }) => {
                 ClientError::CursorReset { epoch, head }
             }
+            Ok(Response::Pruned { oldest, head, .. }) => ClientError::Pruned { oldest, head },
             Ok(other) => unexpected(other),
             Err(e) if is_permanent(&e) => e,
             // The connection is going: the next one subscribes again.
@@ -857,11 +1072,7 @@ fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Conne
         }
         for (key, entry) in state.outbox.pending() {
             let _ = outgoing.send(Outgoing {
-                request: Request::Send {
-                    conv: entry.conv,
-                    id: entry.id,
-                    text: entry.text.clone(),
-                },
+                request: entry.request(),
                 reply: ReplyTo::Send(key),
             });
         }
@@ -1073,12 +1284,16 @@ async fn read_replies(mut reader: FrameReader, pending: Arc<Mutex<Pending>>, sha
 /// Accepts the server's delivery streams and feeds each to its conversation's subscription.
 async fn accept_deliveries(conn: quinn::Connection, shared: Weak<Shared>) {
     while let Ok(stream) = conn.accept_uni().await {
-        tokio::spawn(read_delivery(FrameReader::new(stream), shared.clone()));
+        let id = (conn.stable_id(), stream.id());
+        tokio::spawn(read_delivery(FrameReader::new(stream), id, shared.clone()));
     }
 }
 
-async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
-    let stream = reader.stream.id();
+async fn read_delivery(
+    mut reader: FrameReader,
+    stream: (usize, quinn::StreamId),
+    shared: Weak<Shared>,
+) {
     let conv = match reader.next::<DeliveryFrame>().await {
         Ok(Some(DeliveryFrame::Start { conv, .. })) => conv,
         _ => return,
@@ -1112,7 +1327,24 @@ async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
             };
             match frame {
                 Ok(Some(DeliveryFrame::Event(event))) => match follow.cursor.admit(event.seq) {
-                    Admit::Deliver => (follow.route.clone(), Delivered::Event(event), false),
+                    Admit::Deliver => {
+                        let origin = if event.sender != shared.user {
+                            Origin::Someone
+                        } else if event
+                            .body
+                            .client_id()
+                            .is_some_and(|id| state.own_ids.contains(&(conv, id)))
+                        {
+                            Origin::ThisDevice
+                        } else {
+                            Origin::OtherDevice
+                        };
+                        if shared.config.report_delivered && event.sender != shared.user {
+                            state.unreported.insert(conv, event.seq);
+                            shared.report.notify_one();
+                        }
+                        (follow.route.clone(), Delivered::Event(event, origin), false)
+                    }
                     Admit::Duplicate => continue,
                     Admit::Gap { expected } => (
                         follow.route.clone(),
@@ -1125,6 +1357,9 @@ async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
                 },
                 Ok(Some(DeliveryFrame::End { error })) => {
                     (follow.route.clone(), Delivered::End(error), true)
+                }
+                Ok(Some(DeliveryFrame::Receipt(receipt))) => {
+                    (follow.route.clone(), Delivered::Receipt(receipt), false)
                 }
                 Ok(Some(DeliveryFrame::Start { .. })) => (
                     follow.route.clone(),
@@ -1158,6 +1393,29 @@ async fn read_delivery(mut reader: FrameReader, shared: Weak<Shared>) {
         drop(shared);
         if route.send(delivered).await.is_err() || last {
             return;
+        }
+    }
+}
+
+/// Reports what subscriptions received as delivered, coalescing bursts into one request per
+/// conversation. Best-effort: a report lost with a connection is made good by the next one.
+async fn report_loop(shared: Weak<Shared>, notify: Arc<Notify>) {
+    loop {
+        notify.notified().await;
+        tokio::time::sleep(REPORT_DELAY).await;
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let mut state = lock(&strong.state);
+        let Link::Up(session) = &state.link else {
+            continue;
+        };
+        let outgoing = session.outgoing.clone();
+        for (conv, seq) in state.unreported.drain() {
+            let _ = outgoing.send(Outgoing {
+                request: Request::MarkDelivered { conv, seq },
+                reply: ReplyTo::Nobody,
+            });
         }
     }
 }

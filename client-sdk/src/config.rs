@@ -29,8 +29,11 @@ pub struct ClientConfig {
     pub reconnect_initial: Duration,
     /// Longest delay between reconnect attempts.
     pub reconnect_max: Duration,
-    /// Where to keep cursors and unacknowledged sends across restarts of the app (JSON).
+    /// Where to keep cursors and unacknowledged sends across restarts of the app (JSON). One
+    /// per device: each device resumes on its own cursors.
     pub state_file: Option<std::path::PathBuf>,
+    /// Report what subscriptions receive as delivered (the second tick other members see).
+    pub report_delivered: bool,
 }
 
 impl ClientConfig {
@@ -50,6 +53,7 @@ impl ClientConfig {
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             state_file: None,
+            report_delivered: true,
         }
     }
 

@@ -22,6 +22,11 @@ pub enum ClientError {
     /// The cursor of a subscription does not apply to the server's store.
     #[error("cursor reset: the server's store is epoch {epoch} with head {head}")]
     CursorReset { epoch: Epoch, head: Seq },
+    /// Retention removed the events asked for: the oldest still available is `oldest`.
+    #[error(
+        "retention removed the events before seq {oldest} (the oldest available; head {head})"
+    )]
+    Pruned { oldest: Seq, head: Seq },
 }
 
 impl ClientError {
@@ -29,6 +34,7 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server(body) => Some(body.code),
+            ClientError::Pruned { .. } => Some(ErrorCode::PRUNED),
             _ => None,
         }
     }

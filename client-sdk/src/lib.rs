@@ -18,6 +18,11 @@
 //! order [`Client::send`] is *called*, so a sender's messages keep their order even when their
 //! acks are awaited together, and across reconnects.
 //!
+//! Edits, deletes, reactions and replies are events in the conversation's sequence that point
+//! at the seq they change; [`Timeline`] folds them into the current state of each message, the
+//! way SPEC.md describes. Receipts ([`Receipt`]) come on the subscription too
+//! ([`Subscription::next_update`]), outside the sequence.
+//!
 //! Typing and presence travel as QUIC DATAGRAMs and may be lost: [`Client::typing`] repeats
 //! while the user types, [`TypingTracker`] expires indicators by their TTL, and
 //! [`Client::presence`] asks for a reliable snapshot to start from.
@@ -29,18 +34,21 @@ mod error;
 mod outbox;
 mod persist;
 mod subscription;
+mod timeline;
 mod typing;
 
-pub use client::{Client, Sent};
+pub use client::{Client, Page, Sent};
 pub use config::ClientConfig;
 pub use ephemeral::{EphemeralEvent, EphemeralEvents};
 pub use error::ClientError;
-pub use outbox::OutboxEntry;
+pub use outbox::{Action, OutboxEntry};
 pub use persist::SavedState;
 pub use quip_protocol::limits;
 pub use quip_protocol::{
     ClientMessageId, ConversationId, ConversationSummary, Epoch, ErrorBody, ErrorCode, Event,
-    EventBody, Position, PresenceInfo, PresenceState, Seq, StartAt, UserName,
+    EventBody, InboxEntry, MessageState, Position, PresenceInfo, PresenceState, Reaction, Receipt,
+    Seq, StartAt, UserName,
 };
-pub use subscription::Subscription;
+pub use subscription::{Origin, Subscription, Update};
+pub use timeline::{MessageView, Timeline};
 pub use typing::{TypingChange, TypingTracker};

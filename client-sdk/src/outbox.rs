@@ -3,18 +3,103 @@
 
 use std::collections::BTreeMap;
 
-use quip_protocol::{ClientMessageId, ConversationId, Seq};
+use quip_protocol::{ClientMessageId, ConversationId, Request, Seq};
 use serde::{Deserialize, Serialize};
 
 use crate::ClientError;
 
-/// One unacknowledged message: pending, for optimistic display, until its send resolves with
-/// its seq (acked) or with the server's reason (failed for good, not retried).
+/// One unacknowledged action: pending, for optimistic display, until it resolves with its seq
+/// (acked) or with the server's reason (failed for good, not retried). Every action has a client
+/// message id, so a retry after a reconnect is stored once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     pub conv: ConversationId,
     pub id: ClientMessageId,
+    /// The text of a message, a reply or an edit; empty for the others.
     pub text: String,
+    /// What the entry does; a plain message in state files written before actions existed.
+    #[serde(default, skip_serializing_if = "Action::is_message")]
+    pub action: Action,
+}
+
+/// The kinds of user action a client sends (each is an event in the conversation's sequence).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    #[default]
+    Message,
+    Reply {
+        reply_to: Seq,
+    },
+    Edit {
+        target: Seq,
+    },
+    Delete {
+        target: Seq,
+    },
+    React {
+        target: Seq,
+        emoji: String,
+    },
+    Unreact {
+        target: Seq,
+        emoji: String,
+    },
+}
+
+impl Action {
+    fn is_message(&self) -> bool {
+        *self == Action::Message
+    }
+}
+
+impl OutboxEntry {
+    /// A plain message.
+    pub fn message(conv: ConversationId, id: ClientMessageId, text: impl Into<String>) -> Self {
+        OutboxEntry {
+            conv,
+            id,
+            text: text.into(),
+            action: Action::Message,
+        }
+    }
+
+    /// The request that carries it (the same on every attempt).
+    pub fn request(&self) -> Request {
+        let (conv, id, text) = (self.conv, self.id, self.text.clone());
+        match &self.action {
+            Action::Message => Request::Send { conv, id, text },
+            Action::Reply { reply_to } => Request::SendReply {
+                conv,
+                id,
+                text,
+                reply_to: *reply_to,
+            },
+            Action::Edit { target } => Request::Edit {
+                conv,
+                id,
+                target: *target,
+                text,
+            },
+            Action::Delete { target } => Request::Delete {
+                conv,
+                id,
+                target: *target,
+            },
+            Action::React { target, emoji } => Request::React {
+                conv,
+                id,
+                target: *target,
+                emoji: emoji.clone(),
+            },
+            Action::Unreact { target, emoji } => Request::Unreact {
+                conv,
+                id,
+                target: *target,
+                emoji: emoji.clone(),
+            },
+        }
+    }
 }
 
 /// Unacknowledged sends in the order they were made. That order is the order they are
@@ -100,11 +185,7 @@ mod tests {
     use super::*;
 
     fn entry(n: u8) -> OutboxEntry {
-        OutboxEntry {
-            conv: ConversationId(1),
-            id: ClientMessageId([n; 16]),
-            text: format!("m{n}"),
-        }
+        OutboxEntry::message(ConversationId(1), ClientMessageId([n; 16]), format!("m{n}"))
     }
 
     #[test]

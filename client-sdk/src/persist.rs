@@ -78,13 +78,29 @@ mod tests {
                 seq: Seq(42),
             },
         );
+        state.outbox.push(OutboxEntry::message(
+            ConversationId(3),
+            ClientMessageId([1; 16]),
+            "pending ✓",
+        ));
         state.outbox.push(OutboxEntry {
             conv: ConversationId(3),
-            id: ClientMessageId([1; 16]),
-            text: "pending ✓".into(),
+            id: ClientMessageId([2; 16]),
+            text: String::new(),
+            action: crate::outbox::Action::React {
+                target: Seq(4),
+                emoji: "👍".into(),
+            },
         });
         state.save(&path).unwrap();
         assert_eq!(SavedState::load(&path).unwrap(), state);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_from_before_actions_reads_as_messages() {
+        let old = r#"{"cursors":{},"outbox":[{"conv":3,"id":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"text":"hi"}]}"#;
+        let state: SavedState = serde_json::from_str(old).unwrap();
+        assert_eq!(state.outbox[0].action, crate::outbox::Action::Message);
     }
 }

@@ -1,12 +1,35 @@
-use quip_protocol::{ConversationId, ErrorBody, Event, Seq};
+use std::collections::BTreeMap;
+
+use quip_protocol::{ConversationId, ErrorBody, Event, Receipt, Seq, UserName};
 use tokio::sync::mpsc;
 
 use crate::ClientError;
 
+/// Who an event came from, as this client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This client sent it (its client message id is one this client used).
+    ThisDevice,
+    /// The same user, from another device (or from this one before it restarted).
+    OtherDevice,
+    /// Another member, or the server (membership events are the member's who made them).
+    Someone,
+}
+
+/// One item of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The next event of the conversation.
+    Event { event: Event, origin: Origin },
+    /// A member's receipt cursors moved (or, right after subscribing, their current values).
+    Receipt(Receipt),
+}
+
 /// What a delivery stream hands to its subscription.
 #[derive(Debug)]
 pub(crate) enum Delivered {
-    Event(Event),
+    Event(Event, Origin),
+    Receipt(Receipt),
     /// The server ended the stream, saying why.
     End(ErrorBody),
     /// The stream broke (connection lost, malformed frame).
@@ -22,6 +45,8 @@ pub struct Subscription {
     pub(crate) events: mpsc::Receiver<Delivered>,
     pub(crate) finished: bool,
     pub(crate) on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// The latest receipt cursors seen, per member.
+    pub(crate) receipts: BTreeMap<UserName, Receipt>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -43,14 +68,34 @@ impl Subscription {
         self.head
     }
 
+    /// The latest receipt cursors this subscription has seen, per member.
+    pub fn receipts(&self) -> &BTreeMap<UserName, Receipt> {
+        &self.receipts
+    }
+
     /// The next event; `None` once the server ended the stream normally (after the error that
-    /// says why, if any).
+    /// says why, if any). Receipts that arrive meanwhile are kept in [`Subscription::receipts`].
     pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
+        loop {
+            match self.next_update().await? {
+                Ok(Update::Event { event, .. }) => return Some(Ok(event)),
+                Ok(Update::Receipt(_)) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The next event, with who it came from, or the next receipt change.
+    pub async fn next_update(&mut self) -> Option<Result<Update, ClientError>> {
         if self.finished {
             return None;
         }
         match self.events.recv().await {
-            Some(Delivered::Event(event)) => Some(Ok(event)),
+            Some(Delivered::Event(event, origin)) => Some(Ok(Update::Event { event, origin })),
+            Some(Delivered::Receipt(receipt)) => {
+                self.receipts.insert(receipt.user.clone(), receipt.clone());
+                Some(Ok(Update::Receipt(receipt)))
+            }
             Some(Delivered::End(error)) => {
                 self.finished = true;
                 Some(Err(ClientError::Server(error)))

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::conversation::Retention;
 use crate::presence::EphemeralLimits;
+use crate::push::{Hook, Preview, PushConfig};
 use crate::server::{ServerConfig, TlsSource};
 use crate::session::Limits;
 use crate::store::BackendKind;
@@ -84,6 +86,8 @@ pub struct ConfigFile {
     pub limits: LimitsSection,
     pub log: LogSection,
     pub metrics: MetricsSection,
+    pub push: PushSection,
+    pub retention: RetentionSection,
 }
 
 impl Default for ConfigFile {
@@ -98,7 +102,165 @@ impl Default for ConfigFile {
             limits: LimitsSection::default(),
             log: LogSection::default(),
             metrics: MetricsSection::default(),
+            push: PushSection::default(),
+            retention: RetentionSection::default(),
         }
+    }
+}
+
+/// The offline push hook (see `push.rs`): off unless `url` or `command` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushSection {
+    /// POST notifications as JSON to this `http://` or `https://` URL.
+    pub url: Option<String>,
+    /// Or run this program and arguments with the JSON on standard input.
+    pub command: Option<Vec<String>>,
+    /// What a notification shows: `none`, `sender` or `text`.
+    pub preview: Preview,
+    pub batch_window_ms: u64,
+    /// Calls per user and minute, at most.
+    pub per_user_per_minute: u32,
+    /// Calls of one batch, the first included.
+    pub max_attempts: u32,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub timeout_ms: u64,
+    /// Messages waiting for the hook; more are dropped and counted.
+    pub queue: usize,
+}
+
+impl Default for PushSection {
+    fn default() -> Self {
+        PushSection {
+            url: None,
+            command: None,
+            preview: Preview::Sender,
+            batch_window_ms: 2_000,
+            per_user_per_minute: 6,
+            max_attempts: 5,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 60_000,
+            timeout_ms: 10_000,
+            queue: 4096,
+        }
+    }
+}
+
+/// Retention of every conversation: off (0) unless set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Keep the newest this many events of each conversation; 0: no limit.
+    pub keep_events: u64,
+    /// Keep events younger than this many days; 0: no limit.
+    pub keep_days: u64,
+    /// Other limits for some conversations, by id: `[retention.conversations.123]`.
+    pub conversations: std::collections::BTreeMap<String, RetentionLimits>,
+}
+
+/// One conversation's limits; 0 is no limit.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionLimits {
+    pub keep_events: u64,
+    pub keep_days: u64,
+}
+
+impl RetentionLimits {
+    fn retention(&self) -> Retention {
+        Retention {
+            keep_events: (self.keep_events > 0).then_some(self.keep_events),
+            keep_for: (self.keep_days > 0)
+                .then(|| Duration::from_secs(self.keep_days.saturating_mul(86_400))),
+        }
+    }
+}
+
+/// Retention as the daemon applies it: a default and per-conversation exceptions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionConfig {
+    pub default: Retention,
+    pub conversations: std::collections::HashMap<quip_protocol::ConversationId, Retention>,
+}
+
+impl RetentionConfig {
+    pub fn of(&self, conv: quip_protocol::ConversationId) -> Retention {
+        self.conversations
+            .get(&conv)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+impl PushSection {
+    fn push_config(&self) -> Result<Option<PushConfig>, ConfigError> {
+        let hook = match (&self.url, &self.command) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "push.command",
+                    "set push.url or push.command, not both",
+                ))
+            }
+            (Some(url), None) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid("push.url", "must start with http:// or https://"));
+                }
+                Hook::Http { url: url.clone() }
+            }
+            (None, Some(command)) => match command.split_first() {
+                Some((program, args)) if !program.is_empty() => Hook::Command {
+                    program: program.into(),
+                    args: args.to_vec(),
+                },
+                _ => return Err(invalid("push.command", "names no program")),
+            },
+        };
+        if self.per_user_per_minute == 0 {
+            return Err(invalid("push.per_user_per_minute", "must be at least 1"));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("push.max_attempts", "must be at least 1"));
+        }
+        if self.timeout_ms == 0 {
+            return Err(invalid("push.timeout_ms", "must be more than 0"));
+        }
+        Ok(Some(PushConfig {
+            hook,
+            preview: self.preview,
+            batch_window: Duration::from_millis(self.batch_window_ms),
+            per_user_interval: Duration::from_secs(60) / self.per_user_per_minute,
+            max_attempts: self.max_attempts,
+            retry_initial: Duration::from_millis(self.retry_initial_ms),
+            retry_max: Duration::from_millis(self.retry_max_ms.max(self.retry_initial_ms)),
+            timeout: Duration::from_millis(self.timeout_ms),
+            queue: self.queue.max(1),
+        }))
+    }
+}
+
+impl RetentionSection {
+    fn retention_config(&self) -> Result<RetentionConfig, ConfigError> {
+        let default = RetentionLimits {
+            keep_events: self.keep_events,
+            keep_days: self.keep_days,
+        }
+        .retention();
+        let mut conversations = std::collections::HashMap::new();
+        for (id, limits) in &self.conversations {
+            let conv = id.parse().map_err(|_| {
+                invalid(
+                    "retention.conversations",
+                    format!("{id:?} is not a conversation id"),
+                )
+            })?;
+            conversations.insert(conv, limits.retention());
+        }
+        Ok(RetentionConfig {
+            default,
+            conversations,
+        })
     }
 }
 
@@ -294,7 +456,11 @@ impl ConfigFile {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
             return Err(invalid("log.filter", e.to_string()));
         }
+        let push = self.push.push_config()?;
+        let retention = self.retention.retention_config()?;
         Ok(ServerConfig {
+            push,
+            retention,
             data_dir: overrides.data_dir.clone().unwrap_or(self.data_dir),
             listen,
             store: overrides.store.unwrap_or(self.store),
@@ -508,5 +674,44 @@ mod tests {
         assert_eq!(config.store, BackendKind::Fjall);
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.metrics_listen, Some("127.0.0.1:4".parse().unwrap()));
+    }
+
+    #[test]
+    fn push_and_retention_sections_become_their_settings() {
+        let config = server_config(
+            "[push]\nurl = \"http://127.0.0.1:9/push\"\npreview = \"text\"\nper_user_per_minute = 12\n\
+             [retention]\nkeep_events = 100\n[retention.conversations.42]\nkeep_days = 2\n",
+        )
+        .unwrap();
+        let push = config.push.unwrap();
+        assert_eq!(
+            push.hook,
+            Hook::Http {
+                url: "http://127.0.0.1:9/push".into()
+            }
+        );
+        assert_eq!(push.preview, Preview::Text);
+        assert_eq!(push.per_user_interval, Duration::from_secs(5));
+        let conv = quip_protocol::ConversationId(42);
+        assert_eq!(config.retention.default.keep_events, Some(100));
+        assert_eq!(
+            config.retention.of(conv).keep_for,
+            Some(Duration::from_secs(2 * 86_400))
+        );
+        assert_eq!(config.retention.of(conv).keep_events, None);
+        assert!(server_config("").unwrap().push.is_none());
+        assert!(server_config("").unwrap().retention.default.is_off());
+        let command = server_config("[push]\ncommand = [\"/bin/cat\", \"-\"]\n").unwrap();
+        assert!(matches!(command.push.unwrap().hook, Hook::Command { .. }));
+        assert_eq!(error_key("[push]\nurl = \"ftp://x\"\n"), "push.url");
+        assert_eq!(
+            error_key("[push]\nurl = \"http://x\"\ncommand = [\"a\"]\n"),
+            "push.command"
+        );
+        assert_eq!(error_key("[push]\npreview = \"all\"\n"), "push.preview");
+        assert_eq!(
+            error_key("[retention.conversations.abc]\nkeep_days = 1\n"),
+            "retention.conversations"
+        );
     }
 }

@@ -6,15 +6,21 @@
 //! task falls behind (the client reads slowly), it misses live events and fills the gap from the
 //! store before writing the next one, so a slow client costs the store a read, not the sequencer
 //! a wait or the daemon a growing queue.
+//!
+//! Receipt cursors (revision 2) ride along outside the sequence: every member's right after
+//! `Start`, then each change. They come from a `watch` of the conversation's durable receipts,
+//! which holds only the latest value, so a slow reader gets the newest cursors, never a backlog.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use quip_protocol::{
-    ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, Seq, UserName,
+    ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, Receipt, Seq,
+    UserName,
 };
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::conversation::Subscription;
+use crate::conversation::{ReceiptsView, Subscription};
 use crate::store::{Store, StoreError};
 use crate::wire::push_frame;
 
@@ -34,6 +40,9 @@ pub struct Delivery {
     /// The last seq the client holds.
     pub after: Seq,
     pub max_frame_len: u32,
+    /// The session's protocol revision: newer events go out as `Unsupported`, receipts only
+    /// from revision 2.
+    pub revision: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,13 +61,20 @@ enum Ended {
     Unsubscribed,
     /// The conversation's actor stopped: told with `End { UNAVAILABLE }`.
     ConversationClosed,
+    /// Retention removed events the client had not received yet: told with `End { PRUNED }`.
+    Pruned(Seq),
 }
 
 impl Delivery {
     /// Runs until the client unsubscribes (`stop`), the user is removed, or the stream fails.
     pub async fn run(self, conn: quinn::Connection, stop: oneshot::Receiver<()>) {
         let conv = self.conv;
-        let Subscription { live, head } = self.subscription;
+        let Subscription {
+            live,
+            head,
+            receipts,
+            ..
+        } = self.subscription;
         let stream = match conn.open_uni().await {
             Ok(stream) => stream,
             Err(e) => {
@@ -76,17 +92,28 @@ impl Delivery {
             store: self.store,
             max_frame_len: self.max_frame_len,
             stop,
+            revision: self.revision,
+            receipts: (self.revision >= 2).then_some(receipts),
+            shown: HashMap::new(),
         };
         cursor.push(&DeliveryFrame::Start {
             conv,
             epoch: self.epoch,
         });
+        cursor.push_receipts();
         let end = match cursor.deliver(live, head).await {
             Ok(Ended::Unsubscribed) => None,
             Ok(Ended::Removed) => Some(ErrorBody::new(ErrorCode::NOT_FOUND, "you were removed")),
             Ok(Ended::ConversationClosed) => Some(ErrorBody::new(
                 ErrorCode::UNAVAILABLE,
                 "the conversation stopped; subscribe again",
+            )),
+            Ok(Ended::Pruned(oldest)) => Some(ErrorBody::new(
+                ErrorCode::PRUNED,
+                format!(
+                    "retention removed the events before seq {oldest}; subscribe after seq {}",
+                    oldest.0.saturating_sub(1)
+                ),
             )),
             Err(DeliveryError::Store(e)) => {
                 tracing::error!(conv = conv.0, error = %e, "delivery failed");
@@ -127,6 +154,12 @@ struct Cursor {
     max_frame_len: u32,
     /// Resolves (or is dropped) when the client unsubscribes or its session ends.
     stop: oneshot::Receiver<()>,
+    revision: u16,
+    /// The conversation's durable receipts; `None` for a revision-1 session, or once the
+    /// conversation's actor is gone.
+    receipts: Option<watch::Receiver<ReceiptsView>>,
+    /// The cursors last written, per member.
+    shown: HashMap<UserName, (Seq, Seq)>,
 }
 
 impl Cursor {
@@ -144,6 +177,13 @@ impl Cursor {
             let next = tokio::select! {
                 _ = &mut self.stop => return Ok(Ended::Unsubscribed),
                 next = live.recv() => next,
+                changed = receipts_changed(&mut self.receipts) => {
+                    match changed {
+                        Ok(()) => self.push_receipts(),
+                        Err(_) => self.receipts = None,
+                    }
+                    continue;
+                }
             };
             let ended = match next {
                 Ok(event) => self.on_live(event, &mut live).await?,
@@ -174,6 +214,24 @@ impl Cursor {
         push_frame(&mut self.out, frame, self.max_frame_len);
     }
 
+    /// Encodes the receipt cursors that changed since the last ones written.
+    fn push_receipts(&mut self) {
+        let Some(receipts) = &mut self.receipts else {
+            return;
+        };
+        let current: ReceiptsView = receipts.borrow_and_update().clone();
+        let changed: Vec<Receipt> = current
+            .iter()
+            .filter(|r| self.shown.get(&r.user) != Some(&(r.delivered, r.read)))
+            .cloned()
+            .collect();
+        for receipt in changed {
+            self.shown
+                .insert(receipt.user.clone(), (receipt.delivered, receipt.read));
+            self.push(&DeliveryFrame::Receipt(receipt));
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), DeliveryError> {
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await?;
@@ -195,7 +253,9 @@ impl Cursor {
             ))
             .into());
         }
-        self.push(&DeliveryFrame::Event(event.clone()));
+        self.push(&DeliveryFrame::Event(
+            event.clone().for_revision(self.revision),
+        ));
         self.at = event.seq;
         Ok(match &event.body {
             EventBody::MemberRemoved { user } if *user == self.user && event.seq > self.joined => {
@@ -216,7 +276,13 @@ impl Cursor {
             }
             let want = (until.0 - self.at.0).min(REPLAY_PAGE as u64) as usize;
             let page = self.store.events_after(self.conv, self.at, want)?;
-            if page.is_empty() {
+            if page.first().map(|e| e.seq) != Some(self.at.next()) {
+                // Retention may have removed what this client missed: say so; anything else
+                // is a gap the store cannot fill.
+                let oldest = self.store.oldest(self.conv)?;
+                if oldest > self.at.next() {
+                    return Ok(Some(Ended::Pruned(oldest)));
+                }
                 return Err(StoreError::Corrupt(format!(
                     "conversation {}: seq {} is durable but missing",
                     self.conv,
@@ -259,5 +325,16 @@ impl Cursor {
                 Err(_) => return Ok(None),
             }
         }
+    }
+}
+
+/// Resolves when the receipts change (an error once the conversation's actor is gone); never
+/// for a session without receipts.
+async fn receipts_changed(
+    receipts: &mut Option<watch::Receiver<ReceiptsView>>,
+) -> Result<(), watch::error::RecvError> {
+    match receipts {
+        Some(receipts) => receipts.changed().await,
+        None => std::future::pending().await,
     }
 }

@@ -4,6 +4,7 @@
 //! one connection (control stream, delivery streams via [`delivery`]); [`conversation`] runs
 //! one sequencer actor per conversation; [`store`] makes everything durable. [`presence`] owns
 //! who is online and sends the ephemeral DATAGRAMs (typing, presence), which are never stored.
+//! [`push`] calls the offline push hook.
 //! [`accounts`] and [`admin`] manage users and backups. [`config`] reads the configuration file
 //! and [`metrics`] names what the Prometheus endpoint serves.
 
@@ -14,6 +15,7 @@ pub mod conversation;
 pub mod delivery;
 pub mod metrics;
 pub mod presence;
+pub mod push;
 pub mod rate_limit;
 pub mod server;
 pub mod session;

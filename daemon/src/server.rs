@@ -16,9 +16,10 @@ use tokio::time::Instant;
 
 use crate::accounts::Accounts;
 use crate::admin;
-use crate::config::{defaults, LogConfig, LogFormat};
-use crate::conversation::{Conversations, TypingRelay};
+use crate::config::{defaults, LogConfig, LogFormat, RetentionConfig};
+use crate::conversation::{Conversations, Services, TypingRelay};
 use crate::presence::{EphemeralStats, PresenceHandle};
+use crate::push::{PushConfig, PushHandle, PushStats};
 use crate::session::{self, Limits};
 use crate::store::{BackendKind, Store, StoreConfig};
 
@@ -43,6 +44,10 @@ pub struct ServerConfig {
     /// Where the Prometheus endpoint listens; `None`: no metrics.
     pub metrics_listen: Option<SocketAddr>,
     pub log: LogConfig,
+    /// The offline push hook; `None`: off.
+    pub push: Option<PushConfig>,
+    /// What conversations keep.
+    pub retention: RetentionConfig,
 }
 
 impl ServerConfig {
@@ -62,6 +67,8 @@ impl ServerConfig {
                 format: LogFormat::Text,
                 filter: defaults::LOG_FILTER.into(),
             },
+            push: None,
+            retention: RetentionConfig::default(),
         }
     }
 
@@ -107,6 +114,8 @@ pub struct Shared {
     pub accounts: Accounts,
     pub conversations: Conversations,
     pub presence: PresenceHandle,
+    /// The offline push hook, if configured.
+    pub push: Option<PushHandle>,
     pub limits: Limits,
 }
 
@@ -192,9 +201,19 @@ impl Server {
             presence: presence.clone(),
             interval: config.limits.ephemeral.typing_relay_interval,
         };
+        let push = match &config.push {
+            Some(push) => Some(PushHandle::start(push.clone(), presence.clone())?),
+            None => None,
+        };
+        let services = Services {
+            relay,
+            push: push.clone(),
+            retention: config.retention.clone(),
+        };
         let shared = Arc::new(Shared {
             accounts: Accounts::new(store.clone()),
-            conversations: Conversations::new(store.clone(), relay)?,
+            conversations: Conversations::new(store.clone(), services)?,
+            push,
             presence,
             store,
             limits: config.limits.clone(),
@@ -217,6 +236,11 @@ impl Server {
     /// Counters of the ephemeral plane (datagrams received, dropped, sent).
     pub fn ephemeral_stats(&self) -> Arc<EphemeralStats> {
         self.shared.presence.stats().clone()
+    }
+
+    /// Counters of the offline push hook, if one is configured.
+    pub fn push_stats(&self) -> Option<Arc<PushStats>> {
+        self.shared.push.as_ref().map(|push| push.stats().clone())
     }
 
     /// The store the server writes to.

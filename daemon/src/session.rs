@@ -11,17 +11,18 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use quip_protocol::{
     decode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ConversationId,
-    ConversationSummary, ErrorBody, ErrorCode, Event, Request, RequestId, Response, Seq,
-    ServerFrame, StartAt, UserName,
+    ConversationSummary, ErrorBody, ErrorCode, Event, EventBody, InboxEntry, MessageState,
+    Reaction, Receipt, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::conversation::{answer, store_error, ConversationHandle};
+use crate::conversation::{answer, store_error, ConversationHandle, View};
 use crate::delivery::Delivery;
 use crate::presence::{self, DeviceId, EphemeralLimits, EphemeralStats};
 use crate::rate_limit::TokenBucket;
 use crate::server::Shared;
+use crate::store::{ReceiptRecord, Store, StoreError};
 use crate::wire::{push_frame, FrameReader, ReadError};
 
 /// Requests of one connection awaiting their answer; past this the session stops reading.
@@ -59,7 +60,7 @@ pub async fn serve(
             return;
         }
     };
-    let (user, control) = match authenticate(&shared, &conn).await {
+    let (user, control, revision) = match authenticate(&shared, &conn).await {
         Ok(session) => session,
         Err(error) => {
             tracing::warn!(%remote, code = %error.code, "authentication failed: {}", error.message);
@@ -84,6 +85,7 @@ pub async fn serve(
         shared,
         conn: conn.clone(),
         user,
+        revision,
         device,
         datagrams,
         subscriptions: HashMap::new(),
@@ -126,7 +128,7 @@ fn truncate(text: &str, max: usize) -> &str {
 async fn authenticate(
     shared: &Shared,
     conn: &quinn::Connection,
-) -> Result<(UserName, Control), ErrorBody> {
+) -> Result<(UserName, Control, u16), ErrorBody> {
     let first = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| {
             ErrorBody::new(
@@ -162,8 +164,8 @@ async fn authenticate(
             "revision 0 does not exist; the first revision is 1",
         ));
     }
-    // Every variant this server sends exists in revision 1, so no filtering is needed yet; a
-    // later revision filters what it sends by `revision`.
+    // What this server sends a session is filtered by its revision: newer events become
+    // `Unsupported`, newer frames and answers are not sent at all.
     let revision = revision.min(quip_protocol::REVISION);
     let user = shared
         .accounts
@@ -179,7 +181,7 @@ async fn authenticate(
     };
     control.send(welcome).await;
     tracing::debug!(%user, client = %truncate(&client, limits::MAX_CLIENT_NAME_LEN), revision, "hello");
-    Ok((user, control))
+    Ok((user, control, revision))
 }
 
 fn read_error(e: ReadError) -> ErrorBody {
@@ -246,6 +248,8 @@ struct Session {
     shared: Arc<Shared>,
     conn: quinn::Connection,
     user: UserName,
+    /// The session's protocol revision (see `Welcome`).
+    revision: u16,
     /// This connection, as the presence actor knows it.
     device: DeviceId,
     /// The incoming datagram rate limit.
@@ -289,6 +293,16 @@ impl Session {
                 frame = control.reader.next::<ClientFrame>(), if reading && replies.len() < MAX_PENDING_REQUESTS => {
                     match frame {
                         Ok(Some(ClientFrame::Request { id, request })) => {
+                            if request.revision() > self.revision {
+                                break Err(ErrorBody::new(
+                                    ErrorCode::PROTOCOL_VIOLATION,
+                                    format!(
+                                        "a request of revision {} in a revision {} session",
+                                        request.revision(),
+                                        self.revision
+                                    ),
+                                ));
+                            }
                             let reply = self.dispatch(id, request).await;
                             replies.push(reply);
                         }
@@ -391,19 +405,132 @@ impl Session {
                 let handle = self.handle(conv);
                 let store = self.shared.store.clone();
                 let max_frame_len = self.shared.limits.max_frame_len;
+                let revision = self.revision;
                 reply(id, async move {
                     let view = handle?.view(user).await?;
                     // Only durable events are shown: cap the page at the durable head.
                     let before = before.unwrap_or(Seq(u64::MAX)).min(view.head.next());
+                    if view.oldest > Seq(1) && before <= view.oldest {
+                        return pruned(conv, &view, revision);
+                    }
                     let events = store
                         .events_before(conv, before, limit as usize)
                         .map_err(store_error)?;
-                    let events = newest_that_fit(events, max_frame_len);
+                    let events = newest_that_fit(events, max_frame_len)
+                        .into_iter()
+                        .map(|e| e.for_revision(revision))
+                        .collect();
                     Ok(Response::History {
                         conv,
                         events,
                         head: view.head,
                     })
+                })
+            }
+            Request::Page {
+                conv,
+                before,
+                limit,
+            } => {
+                let handle = self.handle(conv);
+                let store = self.shared.store.clone();
+                let max_frame_len = self.shared.limits.max_frame_len;
+                reply(id, async move {
+                    let view = handle?.view(user).await?;
+                    let before = before.unwrap_or(Seq(u64::MAX)).min(view.head.next());
+                    let events = if before <= view.oldest {
+                        Vec::new()
+                    } else {
+                        store
+                            .events_before(conv, before, limit as usize)
+                            .map_err(store_error)?
+                    };
+                    let states = message_states(&store, conv, &events).map_err(store_error)?;
+                    let (events, states) = page_that_fits(events, states, max_frame_len);
+                    Ok(Response::Page {
+                        conv,
+                        events,
+                        states,
+                        head: view.head,
+                        oldest: view.oldest,
+                    })
+                })
+            }
+            Request::Edit {
+                conv,
+                id: msg_id,
+                target,
+                text,
+            } => {
+                let body = EventBody::Edited {
+                    id: msg_id,
+                    target,
+                    text,
+                };
+                self.act(id, conv, body).await
+            }
+            Request::Delete {
+                conv,
+                id: msg_id,
+                target,
+            } => {
+                let body = EventBody::Deleted { id: msg_id, target };
+                self.act(id, conv, body).await
+            }
+            Request::React {
+                conv,
+                id: msg_id,
+                target,
+                emoji,
+            } => {
+                let body = EventBody::ReactionAdded {
+                    id: msg_id,
+                    target,
+                    emoji,
+                };
+                self.act(id, conv, body).await
+            }
+            Request::Unreact {
+                conv,
+                id: msg_id,
+                target,
+                emoji,
+            } => {
+                let body = EventBody::ReactionRemoved {
+                    id: msg_id,
+                    target,
+                    emoji,
+                };
+                self.act(id, conv, body).await
+            }
+            Request::SendReply {
+                conv,
+                id: msg_id,
+                text,
+                reply_to,
+            } => {
+                let body = EventBody::Reply {
+                    id: msg_id,
+                    text,
+                    reply_to,
+                };
+                self.act(id, conv, body).await
+            }
+            Request::MarkRead { conv, seq } => self.receipt(id, conv, Seq::ZERO, seq).await,
+            Request::MarkDelivered { conv, seq } => self.receipt(id, conv, seq, Seq::ZERO).await,
+            Request::Inbox => {
+                let shared = self.shared.clone();
+                reply(id, async move {
+                    let mut conversations = Vec::new();
+                    for (view, conv) in views(&shared, &user).await? {
+                        conversations.push(InboxEntry {
+                            delivered: view.receipt.delivered,
+                            read: view.receipt.read,
+                            unread: view.head.0.saturating_sub(view.receipt.read.0),
+                            summary: summary(conv, view),
+                        });
+                    }
+                    Ok(Response::Inbox { conversations })
                 })
             }
             Request::Subscribe { conv, start } => self.subscribe(id, conv, start).await,
@@ -419,26 +546,11 @@ impl Session {
             Request::ListConversations => {
                 let shared = self.shared.clone();
                 reply(id, async move {
-                    let convs = shared
-                        .store
-                        .user_conversations(&user)
-                        .map_err(store_error)?;
-                    let mut conversations = Vec::with_capacity(convs.len());
-                    for conv in convs {
-                        let Ok(Some(handle)) = shared.conversations.get(conv) else {
-                            continue;
-                        };
-                        // A removal may race the listing: skip what is no longer ours.
-                        if let Ok(view) = handle.view(user.clone()).await {
-                            conversations.push(ConversationSummary {
-                                conv,
-                                title: view.record.title,
-                                creator: view.record.creator,
-                                members: view.record.members.into_iter().collect(),
-                                head: view.head,
-                            });
-                        }
-                    }
+                    let conversations = views(&shared, &user)
+                        .await?
+                        .into_iter()
+                        .map(|(view, conv)| summary(conv, view))
+                        .collect();
                     Ok(Response::Conversations { conversations })
                 })
             }
@@ -483,6 +595,54 @@ impl Session {
         }
     }
 
+    /// A user's action (a reply, an edit, a delete, a reaction): queued at its conversation in
+    /// request order, like a send, and answered with `Sent` once durable.
+    async fn act(&mut self, id: RequestId, conv: ConversationId, body: EventBody) -> Reply {
+        let handle = match self.handle(conv) {
+            Ok(handle) => handle,
+            Err(error) => return ready(ServerFrame::Error { id, error }),
+        };
+        let started = std::time::Instant::now();
+        let pending = handle.act(self.user.clone(), body).await;
+        reply(id, async move {
+            let sent = answer(pending).await?;
+            crate::metrics::send_acked(started.elapsed());
+            Ok(Response::Sent {
+                conv,
+                seq: sent.seq,
+                at_ms: sent.at_ms,
+                duplicate: sent.duplicate,
+            })
+        })
+    }
+
+    /// Moves the caller's receipt cursors forward.
+    async fn receipt(
+        &mut self,
+        id: RequestId,
+        conv: ConversationId,
+        delivered: Seq,
+        read: Seq,
+    ) -> Reply {
+        let handle = match self.handle(conv) {
+            Ok(handle) => handle,
+            Err(error) => return ready(ServerFrame::Error { id, error }),
+        };
+        let user = self.user.clone();
+        let pending = handle.receipt(user.clone(), delivered, read).await;
+        reply(id, async move {
+            let ReceiptRecord { delivered, read } = answer(pending).await?;
+            Ok(Response::Receipt {
+                conv,
+                receipt: Receipt {
+                    user,
+                    delivered,
+                    read,
+                },
+            })
+        })
+    }
+
     async fn subscribe(&mut self, id: RequestId, conv: ConversationId, start: StartAt) -> Reply {
         let subscribed = async {
             let subscription = self.handle(conv)?.subscribe(self.user.clone()).await?;
@@ -496,6 +656,10 @@ impl Session {
                 }
                 StartAt::After(_) => return Ok(Response::CursorReset { conv, epoch, head }),
             };
+            let oldest = subscription.oldest;
+            if after.next() < oldest {
+                return pruned_subscription(conv, oldest, head, self.revision);
+            }
             if let Some(previous) = self.subscriptions.remove(&conv) {
                 let _ = previous.send(());
             }
@@ -509,6 +673,7 @@ impl Session {
                 subscription,
                 after,
                 max_frame_len: self.shared.limits.max_frame_len,
+                revision: self.revision,
             };
             self.deliveries
                 .spawn(delivery.run(self.conn.clone(), stopped));
@@ -573,6 +738,129 @@ fn newest_that_fit(mut events: Vec<Event>, max_frame_len: u32) -> Vec<Event> {
     }
     events.drain(..events.len() - keep);
     events
+}
+
+/// The views of every conversation of `user`, in ascending id order. A removal may race the
+/// listing: what is no longer the user's is left out.
+async fn views(shared: &Shared, user: &UserName) -> Result<Vec<(View, ConversationId)>, ErrorBody> {
+    let convs = shared.store.user_conversations(user).map_err(store_error)?;
+    let mut views = Vec::with_capacity(convs.len());
+    for conv in convs {
+        let Ok(Some(handle)) = shared.conversations.get(conv) else {
+            continue;
+        };
+        if let Ok(view) = handle.view(user.clone()).await {
+            views.push((view, conv));
+        }
+    }
+    Ok(views)
+}
+
+fn summary(conv: ConversationId, view: View) -> ConversationSummary {
+    ConversationSummary {
+        conv,
+        title: view.record.title,
+        creator: view.record.creator,
+        members: view.record.members.into_iter().collect(),
+        head: view.head,
+    }
+}
+
+/// The answer to a `History` below what retention kept: `Pruned` names the oldest seq; a
+/// revision-1 session, which lacks that answer, gets the error `PRUNED` saying it in words.
+fn pruned(conv: ConversationId, view: &View, revision: u16) -> Result<Response, ErrorBody> {
+    pruned_subscription(conv, view.oldest, view.head, revision)
+}
+
+fn pruned_subscription(
+    conv: ConversationId,
+    oldest: Seq,
+    head: Seq,
+    revision: u16,
+) -> Result<Response, ErrorBody> {
+    if revision >= 2 {
+        return Ok(Response::Pruned { conv, oldest, head });
+    }
+    Err(ErrorBody::new(
+        ErrorCode::PRUNED,
+        format!(
+            "retention removed the events before seq {oldest}; the oldest available is {oldest}"
+        ),
+    ))
+}
+
+/// The current state of every message among `events` (ascending, of `conv`).
+fn message_states(
+    store: &Store,
+    conv: ConversationId,
+    events: &[Event],
+) -> Result<Vec<MessageState>, StoreError> {
+    let messages: Vec<Seq> = events
+        .iter()
+        .filter(|e| e.body.is_message())
+        .map(|e| e.seq)
+        .collect();
+    let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut records = store.message_records(conv, *first, *last)?;
+    let mut states = Vec::with_capacity(messages.len());
+    for seq in messages {
+        let record = records.remove(&seq).unwrap_or_default();
+        let edited = record.edits.last().copied();
+        let text = match (edited, record.deleted) {
+            (Some(edit), None) => store
+                .event(conv, edit)?
+                .and_then(|e| e.body.text().map(str::to_owned)),
+            _ => None,
+        };
+        states.push(MessageState {
+            seq,
+            text,
+            edited,
+            deleted: record.deleted,
+            reactions: record
+                .reactions
+                .into_iter()
+                .map(|(emoji, users)| Reaction {
+                    emoji,
+                    users: users.into_iter().collect(),
+                })
+                .collect(),
+        });
+    }
+    Ok(states)
+}
+
+/// The newest events of a page, with their message states, that fit in one frame.
+fn page_that_fits(
+    mut events: Vec<Event>,
+    mut states: Vec<MessageState>,
+    max_frame_len: u32,
+) -> (Vec<Event>, Vec<MessageState>) {
+    // What the reply needs besides events and states: variant, ids, head, oldest, counts.
+    const REPLY_OVERHEAD: usize = 96;
+    let budget = (max_frame_len as usize).saturating_sub(REPLY_OVERHEAD);
+    let mut used = 0;
+    let mut keep = 0;
+    let mut state_at = states.len();
+    for event in events.iter().rev() {
+        let mut cost = postcard::experimental::serialized_size(event).unwrap_or(usize::MAX / 4);
+        if state_at > 0 && states[state_at - 1].seq == event.seq {
+            state_at -= 1;
+            cost += postcard::experimental::serialized_size(&states[state_at])
+                .unwrap_or(usize::MAX / 4);
+        }
+        used += cost;
+        if used > budget {
+            break;
+        }
+        keep += 1;
+    }
+    events.drain(..events.len() - keep);
+    let first = events.first().map(|e| e.seq);
+    states.retain(|s| first.is_some_and(|first| s.seq >= first));
+    (events, states)
 }
 
 /// Resolves once the server starts shutting down.

@@ -48,12 +48,25 @@ error_codes! {
     INVALID_REQUEST = 303,
     /// The message id was already used by this sender for another text.
     ID_REUSED = 304,
+    /// The seq an edit, delete, reaction or reply points at holds no message (it is past the
+    /// head, or another kind of event, or was removed by retention).
+    NOT_A_MESSAGE = 305,
+    /// The message an edit, reaction or reply points at was deleted.
+    MESSAGE_DELETED = 306,
+    /// The caller already reacted to this message with this emoji.
+    REACTION_EXISTS = 307,
+    /// The caller has no such reaction on this message to remove.
+    NO_REACTION = 308,
+    /// The events asked for were removed by the conversation's retention.
+    PRUNED = 309,
     /// A message text is longer than the limit.
     MESSAGE_TOO_LARGE = 400,
     /// Too many requests; `retry_after_ms` says when to try again.
     RATE_LIMITED = 401,
     /// A per-user or per-conversation count limit was reached.
     LIMIT_EXCEEDED = 402,
+    /// A message has as many reactions as it may hold.
+    TOO_MANY_REACTIONS = 410,
     /// The server cannot serve the request now (store failure); retry later with the same id.
     UNAVAILABLE = 500,
     /// The server is shutting down; reconnect later.

@@ -81,6 +81,62 @@ pub enum Request {
     /// Marks this connection away (the app went to the background) or back. The user is away
     /// while every connected device is away. Answered by `Response::AwaySet`.
     SetAway { away: bool },
+    /// Revision 2. Replaces the text of the message at `target`; only its author may. Answered
+    /// by `Response::Sent` (the seq of the `Edited` event). Idempotent by `id`, like `Send`.
+    Edit {
+        conv: ConversationId,
+        id: ClientMessageId,
+        target: Seq,
+        text: String,
+    },
+    /// Revision 2. Deletes the message at `target` for everyone (its author or the
+    /// conversation's creator); its text and the texts of its edits are removed from the store.
+    /// Answered by `Response::Sent`.
+    Delete {
+        conv: ConversationId,
+        id: ClientMessageId,
+        target: Seq,
+    },
+    /// Revision 2. Adds the caller's reaction `emoji` to the message at `target` (one per emoji
+    /// per user). Answered by `Response::Sent`.
+    React {
+        conv: ConversationId,
+        id: ClientMessageId,
+        target: Seq,
+        emoji: String,
+    },
+    /// Revision 2. Removes the caller's reaction `emoji` from the message at `target`.
+    /// Answered by `Response::Sent`.
+    Unreact {
+        conv: ConversationId,
+        id: ClientMessageId,
+        target: Seq,
+        emoji: String,
+    },
+    /// Revision 2. Appends a message that replies to the message at `reply_to`. Answered by
+    /// `Response::Sent`; sequenced in order with `Send`s of the same control stream.
+    SendReply {
+        conv: ConversationId,
+        id: ClientMessageId,
+        text: String,
+        reply_to: Seq,
+    },
+    /// Revision 2. Moves the caller's "read up to" cursor (and with it "delivered up to")
+    /// forward to `seq`. Answered by `Response::Receipt` with the cursors after the change.
+    MarkRead { conv: ConversationId, seq: Seq },
+    /// Revision 2. Moves the caller's "delivered up to" cursor forward to `seq`. Answered by
+    /// `Response::Receipt`.
+    MarkDelivered { conv: ConversationId, seq: Seq },
+    /// Revision 2. Every conversation of the caller with its head, the caller's cursors and
+    /// its unread count. Answered by `Response::Inbox`.
+    Inbox,
+    /// Revision 2. Like `History`, with the current state of every message of the page (its
+    /// latest text, whether it was deleted, its reactions). Answered by `Response::Page`.
+    Page {
+        conv: ConversationId,
+        before: Option<Seq>,
+        limit: u32,
+    },
 }
 
 /// Where a subscription starts.
@@ -182,6 +238,78 @@ pub enum Response {
     AwaySet {
         away: bool,
     },
+    /// Revision 2. The caller's cursors in `conv` after a `MarkRead` or `MarkDelivered`.
+    Receipt {
+        conv: ConversationId,
+        receipt: Receipt,
+    },
+    /// Revision 2. The answer to `Request::Inbox`, in ascending `ConversationId` order.
+    Inbox {
+        conversations: Vec<InboxEntry>,
+    },
+    /// Revision 2. The answer to `Request::Page`: the events (as `History` has them), the
+    /// current state of each message among them (in the same order), the head, and the oldest
+    /// seq still stored (1 unless retention removed older events).
+    Page {
+        conv: ConversationId,
+        events: Vec<Event>,
+        states: Vec<MessageState>,
+        head: Seq,
+        oldest: Seq,
+    },
+    /// Revision 2. The events asked for (a `Subscribe` cursor, a `History` page) were removed
+    /// by the conversation's retention: `oldest` is the oldest seq still stored. No stream was
+    /// opened; subscribe after `oldest - 1`, or page from `oldest` up.
+    Pruned {
+        conv: ConversationId,
+        oldest: Seq,
+        head: Seq,
+    },
+}
+
+/// Revision 2. One member's receipt cursors in one conversation: every seq up to `delivered`
+/// reached one of the member's devices, every seq up to `read` was shown to the member. Both
+/// only move forward, and `read <= delivered`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub user: UserName,
+    pub delivered: Seq,
+    pub read: Seq,
+}
+
+/// Revision 2. One line of `Inbox`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    pub summary: ConversationSummary,
+    /// The caller's cursors.
+    pub delivered: Seq,
+    pub read: Seq,
+    /// `head - read`.
+    pub unread: u64,
+}
+
+/// Revision 2. The current state of one message (a `Message` or `Reply` event), after every
+/// edit, delete and reaction up to the answer's head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageState {
+    /// The message's seq.
+    pub seq: Seq,
+    /// The text of the latest edit, if the message was edited and not deleted; `None`: the
+    /// event's own text is current.
+    pub text: Option<String>,
+    /// The seq of the latest `Edited` event of this message.
+    pub edited: Option<Seq>,
+    /// The seq of the `Deleted` event: the message is a tombstone, its texts are gone.
+    pub deleted: Option<Seq>,
+    /// The reactions, by emoji in byte order, each with its users in byte order.
+    pub reactions: Vec<Reaction>,
+}
+
+/// Revision 2. One emoji on a message and who reacted with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    pub emoji: String,
+    pub users: Vec<UserName>,
 }
 
 /// One line of `ListConversations`.
@@ -203,6 +331,9 @@ pub enum DeliveryFrame {
     Event(Event),
     /// The last frame: why delivery stopped (e.g. the user was removed). The stream then finishes.
     End { error: ErrorBody },
+    /// Revision 2. A member's receipt cursors: every member's current ones right after
+    /// `Start`, then each change. Not part of the sequence: it carries no seq of its own.
+    Receipt(Receipt),
 }
 
 /// One entry of a conversation's sequence.
@@ -241,6 +372,161 @@ pub enum EventBody {
         /// The variant index the event has in the revision that introduced it.
         kind: u32,
     },
+    /// Revision 2. The author replaced the text of the message at `target`.
+    Edited {
+        id: ClientMessageId,
+        target: Seq,
+        text: String,
+    },
+    /// Revision 2. The message at `target` was deleted for everyone (by its author or the
+    /// conversation's creator, the `sender`). The texts of the message and of its edits are
+    /// gone from the server; events keep their seqs with an empty text.
+    Deleted {
+        id: ClientMessageId,
+        target: Seq,
+    },
+    /// Revision 2. `sender` reacted to the message at `target` with `emoji`.
+    ReactionAdded {
+        id: ClientMessageId,
+        target: Seq,
+        emoji: String,
+    },
+    /// Revision 2. `sender` took back its reaction `emoji` to the message at `target`.
+    ReactionRemoved {
+        id: ClientMessageId,
+        target: Seq,
+        emoji: String,
+    },
+    /// Revision 2. A message that replies to (quotes) the message at `reply_to`.
+    Reply {
+        id: ClientMessageId,
+        text: String,
+        reply_to: Seq,
+    },
+}
+
+impl EventBody {
+    /// The variant index: what `Unsupported.kind` names.
+    pub fn kind(&self) -> u32 {
+        match self {
+            EventBody::Message { .. } => 0,
+            EventBody::Created { .. } => 1,
+            EventBody::MemberAdded { .. } => 2,
+            EventBody::MemberRemoved { .. } => 3,
+            EventBody::Unsupported { .. } => 4,
+            EventBody::Edited { .. } => 5,
+            EventBody::Deleted { .. } => 6,
+            EventBody::ReactionAdded { .. } => 7,
+            EventBody::ReactionRemoved { .. } => 8,
+            EventBody::Reply { .. } => 9,
+        }
+    }
+
+    /// The revision that introduced this kind of event.
+    pub fn revision(&self) -> u16 {
+        if self.kind() <= 4 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// The event as a session of `revision` may see it: `Unsupported` if it is newer.
+    pub fn for_revision(self, revision: u16) -> EventBody {
+        if self.revision() <= revision {
+            self
+        } else {
+            EventBody::Unsupported { kind: self.kind() }
+        }
+    }
+
+    /// The client message id of a user's action (a message, a reply, an edit, a delete, a
+    /// reaction); `None` for membership events.
+    pub fn client_id(&self) -> Option<ClientMessageId> {
+        match self {
+            EventBody::Message { id, .. }
+            | EventBody::Edited { id, .. }
+            | EventBody::Deleted { id, .. }
+            | EventBody::ReactionAdded { id, .. }
+            | EventBody::ReactionRemoved { id, .. }
+            | EventBody::Reply { id, .. } => Some(*id),
+            EventBody::Created { .. }
+            | EventBody::MemberAdded { .. }
+            | EventBody::MemberRemoved { .. }
+            | EventBody::Unsupported { .. } => None,
+        }
+    }
+
+    /// The seq of the message this event changes (or replies to), if any.
+    pub fn target(&self) -> Option<Seq> {
+        match self {
+            EventBody::Edited { target, .. }
+            | EventBody::Deleted { target, .. }
+            | EventBody::ReactionAdded { target, .. }
+            | EventBody::ReactionRemoved { target, .. } => Some(*target),
+            EventBody::Reply { reply_to, .. } => Some(*reply_to),
+            _ => None,
+        }
+    }
+
+    /// Whether this event is a message (plain or a reply): what edits, deletes, reactions and
+    /// replies may point at.
+    pub fn is_message(&self) -> bool {
+        matches!(self, EventBody::Message { .. } | EventBody::Reply { .. })
+    }
+
+    /// The text the event carries (a message, a reply, an edit).
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            EventBody::Message { text, .. }
+            | EventBody::Reply { text, .. }
+            | EventBody::Edited { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The text, to change or take it.
+    pub fn text_mut(&mut self) -> Option<&mut String> {
+        match self {
+            EventBody::Message { text, .. }
+            | EventBody::Reply { text, .. }
+            | EventBody::Edited { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+}
+
+impl Event {
+    /// The event as a session of `revision` may see it (see [`EventBody::for_revision`]).
+    pub fn for_revision(self, revision: u16) -> Event {
+        Event {
+            body: self.body.for_revision(revision),
+            ..self
+        }
+    }
+}
+
+impl DeliveryFrame {
+    /// The revision that introduced this kind of frame.
+    pub fn revision(&self) -> u16 {
+        match self {
+            DeliveryFrame::Receipt(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl Response {
+    /// The revision that introduced this kind of answer.
+    pub fn revision(&self) -> u16 {
+        match self {
+            Response::Receipt { .. }
+            | Response::Inbox { .. }
+            | Response::Page { .. }
+            | Response::Pruned { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 fn invalid(message: impl Into<String>) -> ErrorBody {
@@ -273,23 +559,10 @@ impl Request {
                 }
                 members.iter().try_for_each(check_name)
             }
-            Request::Send { text, .. } => {
-                if text.is_empty() {
-                    return Err(invalid("message text is empty"));
-                }
-                if text.len() > limits::MAX_TEXT_LEN {
-                    return Err(ErrorBody::new(
-                        ErrorCode::MESSAGE_TOO_LARGE,
-                        format!(
-                            "message text is {} bytes, the limit is {}",
-                            text.len(),
-                            limits::MAX_TEXT_LEN
-                        ),
-                    ));
-                }
-                Ok(())
-            }
-            Request::History { limit, .. } => {
+            Request::Send { text, .. }
+            | Request::SendReply { text, .. }
+            | Request::Edit { text, .. } => check_text(text),
+            Request::History { limit, .. } | Request::Page { limit, .. } => {
                 if *limit == 0 || *limit > limits::MAX_HISTORY_LIMIT {
                     return Err(invalid(format!(
                         "history limit must be 1 to {}, got {limit}",
@@ -298,6 +571,7 @@ impl Request {
                 }
                 Ok(())
             }
+            Request::React { emoji, .. } | Request::Unreact { emoji, .. } => check_emoji(emoji),
             Request::AddMember { user, .. } | Request::RemoveMember { user, .. } => {
                 check_name(user)
             }
@@ -305,7 +579,63 @@ impl Request {
             | Request::Unsubscribe { .. }
             | Request::ListConversations
             | Request::Presence
-            | Request::SetAway { .. } => Ok(()),
+            | Request::SetAway { .. }
+            | Request::Delete { .. }
+            | Request::MarkRead { .. }
+            | Request::MarkDelivered { .. }
+            | Request::Inbox => Ok(()),
         }
     }
+
+    /// The revision that introduced this kind of request. A session of a lower revision that
+    /// sends it breaks the protocol.
+    pub fn revision(&self) -> u16 {
+        match self {
+            Request::Edit { .. }
+            | Request::Delete { .. }
+            | Request::React { .. }
+            | Request::Unreact { .. }
+            | Request::SendReply { .. }
+            | Request::MarkRead { .. }
+            | Request::MarkDelivered { .. }
+            | Request::Inbox
+            | Request::Page { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn check_text(text: &str) -> Result<(), ErrorBody> {
+    if text.is_empty() {
+        return Err(invalid("message text is empty"));
+    }
+    if text.len() > limits::MAX_TEXT_LEN {
+        return Err(ErrorBody::new(
+            ErrorCode::MESSAGE_TOO_LARGE,
+            format!(
+                "message text is {} bytes, the limit is {}",
+                text.len(),
+                limits::MAX_TEXT_LEN
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A reaction is 1 to `MAX_EMOJI_LEN` bytes with no whitespace or control character: meant for
+/// one emoji (its grapheme cluster may take several code points), not for text.
+fn check_emoji(emoji: &str) -> Result<(), ErrorBody> {
+    if emoji.is_empty() || emoji.len() > limits::MAX_EMOJI_LEN {
+        return Err(invalid(format!(
+            "a reaction must be 1 to {} bytes, got {}",
+            limits::MAX_EMOJI_LEN,
+            emoji.len()
+        )));
+    }
+    if emoji.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "a reaction holds no whitespace or control character",
+        ));
+    }
+    Ok(())
 }

@@ -20,8 +20,8 @@ pub use datagrams::{
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use frames::{
-    ClientFrame, ConversationSummary, DeliveryFrame, Event, EventBody, Position, Request, Response,
-    ServerFrame, StartAt,
+    ClientFrame, ConversationSummary, DeliveryFrame, Event, EventBody, InboxEntry, MessageState,
+    Position, Reaction, Receipt, Request, Response, ServerFrame, StartAt,
 };
 pub use framing::{decode_exact, encode_frame, FrameDecoder, FrameError, LENGTH_PREFIX_LEN};
 pub use ids::{ClientMessageId, ConversationId, Epoch, RequestId, Seq, UserName};
@@ -35,4 +35,4 @@ pub const ALPN: &[u8] = b"quip/1";
 /// and the server answers with the revision of the session in `Welcome`; neither side sends a
 /// variant the session's revision does not have, so an older peer never meets an unknown
 /// variant. Anything that is not an append is a new ALPN.
-pub const REVISION: u16 = 1;
+pub const REVISION: u16 = 2;

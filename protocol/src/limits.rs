@@ -10,6 +10,11 @@ pub const MAX_TITLE_LEN: usize = 256;
 pub const MAX_INITIAL_MEMBERS: usize = 1024;
 /// Largest history page (`INVALID_REQUEST`).
 pub const MAX_HISTORY_LIMIT: u32 = 1000;
+/// Longest reaction, in UTF-8 bytes (`INVALID_REQUEST`): room for one emoji of several code
+/// points (a family, a flag with a skin tone), not for text.
+pub const MAX_EMOJI_LEN: usize = 32;
+/// Most reactions (user and emoji pairs) on one message (`TOO_MANY_REACTIONS`).
+pub const MAX_REACTIONS_PER_MESSAGE: usize = 256;
 /// Longest bearer token accepted in `Hello` (`UNAUTHENTICATED`).
 pub const MAX_TOKEN_LEN: usize = 256;
 /// Longest client description in `Hello`; a longer one is cut, not refused.

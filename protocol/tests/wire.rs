@@ -28,8 +28,8 @@ use quip_protocol::limits::{
 use quip_protocol::{
     decode_exact, encode_frame, ClientFrame, ClientMessageId, ConversationId, ConversationSummary,
     DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, FrameDecoder, FrameError,
-    Position, PresenceInfo, PresenceState, Request, RequestId, Response, Seq, ServerFrame, StartAt,
-    UserName, LENGTH_PREFIX_LEN,
+    InboxEntry, MessageState, Position, PresenceInfo, PresenceState, Reaction, Receipt, Request,
+    RequestId, Response, Seq, ServerFrame, StartAt, UserName, LENGTH_PREFIX_LEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -167,8 +167,81 @@ fn request() -> BoxedStrategy<Request> {
         Just(Request::ListConversations),
         Just(Request::Presence),
         any::<bool>().prop_map(|away| Request::SetAway { away }),
+        (conversation_id(), client_message_id(), seq(), text()).prop_map(
+            |(conv, id, target, text)| Request::Edit {
+                conv,
+                id,
+                target,
+                text
+            }
+        ),
+        (conversation_id(), client_message_id(), seq())
+            .prop_map(|(conv, id, target)| Request::Delete { conv, id, target }),
+        (conversation_id(), client_message_id(), seq(), text()).prop_map(
+            |(conv, id, target, emoji)| Request::React {
+                conv,
+                id,
+                target,
+                emoji
+            }
+        ),
+        (conversation_id(), client_message_id(), seq(), text()).prop_map(
+            |(conv, id, target, emoji)| Request::Unreact {
+                conv,
+                id,
+                target,
+                emoji
+            }
+        ),
+        (conversation_id(), client_message_id(), text(), seq()).prop_map(
+            |(conv, id, text, reply_to)| Request::SendReply {
+                conv,
+                id,
+                text,
+                reply_to
+            }
+        ),
+        (conversation_id(), seq()).prop_map(|(conv, seq)| Request::MarkRead { conv, seq }),
+        (conversation_id(), seq()).prop_map(|(conv, seq)| Request::MarkDelivered { conv, seq }),
+        Just(Request::Inbox),
+        (conversation_id(), proptest::option::of(seq()), varint_u32()).prop_map(
+            |(conv, before, limit)| Request::Page {
+                conv,
+                before,
+                limit
+            }
+        ),
     ]
     .boxed()
+}
+
+fn receipt() -> BoxedStrategy<Receipt> {
+    (user_name(), seq(), seq())
+        .prop_map(|(user, delivered, read)| Receipt {
+            user,
+            delivered,
+            read,
+        })
+        .boxed()
+}
+
+fn message_state() -> BoxedStrategy<MessageState> {
+    let reaction = (text(), user_names()).prop_map(|(emoji, users)| Reaction { emoji, users });
+    (
+        seq(),
+        proptest::option::of(text()),
+        proptest::option::of(seq()),
+        proptest::option::of(seq()),
+        vec(reaction, 0..3),
+    )
+        .prop_map(|(seq, text, edited, deleted, reactions)| MessageState {
+            seq,
+            text,
+            edited,
+            deleted,
+            reactions,
+        })
+        .boxed()
 }
 
 fn event_body() -> BoxedStrategy<EventBody> {
@@ -178,6 +251,21 @@ fn event_body() -> BoxedStrategy<EventBody> {
         user_name().prop_map(|user| EventBody::MemberAdded { user }),
         user_name().prop_map(|user| EventBody::MemberRemoved { user }),
         any::<u32>().prop_map(|kind| EventBody::Unsupported { kind }),
+        (client_message_id(), seq(), text()).prop_map(|(id, target, text)| EventBody::Edited {
+            id,
+            target,
+            text
+        }),
+        (client_message_id(), seq()).prop_map(|(id, target)| EventBody::Deleted { id, target }),
+        (client_message_id(), seq(), text())
+            .prop_map(|(id, target, emoji)| EventBody::ReactionAdded { id, target, emoji }),
+        (client_message_id(), seq(), text())
+            .prop_map(|(id, target, emoji)| EventBody::ReactionRemoved { id, target, emoji }),
+        (client_message_id(), text(), seq()).prop_map(|(id, text, reply_to)| EventBody::Reply {
+            id,
+            text,
+            reply_to
+        }),
     ]
     .boxed()
 }
@@ -254,6 +342,39 @@ fn response() -> BoxedStrategy<Response> {
         }),
         vec(presence_info(), 0..3).prop_map(|users| Response::Presence { users }),
         any::<bool>().prop_map(|away| Response::AwaySet { away }),
+        (conversation_id(), receipt())
+            .prop_map(|(conv, receipt)| Response::Receipt { conv, receipt }),
+        vec(
+            (conversation_summary(), seq(), seq(), varint_u64()).prop_map(
+                |(summary, delivered, read, unread)| InboxEntry {
+                    summary,
+                    delivered,
+                    read,
+                    unread
+                }
+            ),
+            0..3
+        )
+        .prop_map(|conversations| Response::Inbox { conversations }),
+        (
+            conversation_id(),
+            vec(event(), 0..3),
+            vec(message_state(), 0..3),
+            seq(),
+            seq()
+        )
+            .prop_map(|(conv, events, states, head, oldest)| Response::Page {
+                conv,
+                events,
+                states,
+                head,
+                oldest
+            }),
+        (conversation_id(), seq(), seq()).prop_map(|(conv, oldest, head)| Response::Pruned {
+            conv,
+            oldest,
+            head
+        }),
     ]
     .boxed()
 }
@@ -291,6 +412,7 @@ fn delivery_frame() -> BoxedStrategy<DeliveryFrame> {
         1 => (conversation_id(), epoch()).prop_map(|(conv, epoch)| DeliveryFrame::Start { conv, epoch }),
         4 => event().prop_map(DeliveryFrame::Event),
         1 => error_body().prop_map(|error| DeliveryFrame::End { error }),
+        1 => receipt().prop_map(DeliveryFrame::Receipt),
     ]
     .boxed()
 }
@@ -318,6 +440,15 @@ fn request_variant(v: &Request) -> usize {
         Request::ListConversations => 7,
         Request::Presence => 8,
         Request::SetAway { .. } => 9,
+        Request::Edit { .. } => 10,
+        Request::Delete { .. } => 11,
+        Request::React { .. } => 12,
+        Request::Unreact { .. } => 13,
+        Request::SendReply { .. } => 14,
+        Request::MarkRead { .. } => 15,
+        Request::MarkDelivered { .. } => 16,
+        Request::Inbox => 17,
+        Request::Page { .. } => 18,
     }
 }
 
@@ -350,6 +481,10 @@ fn response_variant(v: &Response) -> usize {
         Response::CursorReset { .. } => 7,
         Response::Presence { .. } => 8,
         Response::AwaySet { .. } => 9,
+        Response::Receipt { .. } => 10,
+        Response::Inbox { .. } => 11,
+        Response::Page { .. } => 12,
+        Response::Pruned { .. } => 13,
     }
 }
 
@@ -358,6 +493,7 @@ fn delivery_frame_variant(v: &DeliveryFrame) -> usize {
         DeliveryFrame::Start { .. } => 0,
         DeliveryFrame::Event(_) => 1,
         DeliveryFrame::End { .. } => 2,
+        DeliveryFrame::Receipt(_) => 3,
     }
 }
 
@@ -368,6 +504,11 @@ fn event_body_variant(v: &EventBody) -> usize {
         EventBody::MemberAdded { .. } => 2,
         EventBody::MemberRemoved { .. } => 3,
         EventBody::Unsupported { .. } => 4,
+        EventBody::Edited { .. } => 5,
+        EventBody::Deleted { .. } => 6,
+        EventBody::ReactionAdded { .. } => 7,
+        EventBody::ReactionRemoved { .. } => 8,
+        EventBody::Reply { .. } => 9,
     }
 }
 
@@ -396,12 +537,12 @@ fn assert_covers_all_variants<T: Debug>(
 #[test]
 fn strategies_generate_every_variant() {
     assert_covers_all_variants("ClientFrame", client_frame(), client_frame_variant, 2);
-    assert_covers_all_variants("Request", request(), request_variant, 10);
+    assert_covers_all_variants("Request", request(), request_variant, 19);
     assert_covers_all_variants("StartAt", start_at(), start_at_variant, 3);
     assert_covers_all_variants("ServerFrame", server_frame(), server_frame_variant, 4);
-    assert_covers_all_variants("Response", response(), response_variant, 10);
-    assert_covers_all_variants("DeliveryFrame", delivery_frame(), delivery_frame_variant, 3);
-    assert_covers_all_variants("EventBody", event_body(), event_body_variant, 5);
+    assert_covers_all_variants("Response", response(), response_variant, 14);
+    assert_covers_all_variants("DeliveryFrame", delivery_frame(), delivery_frame_variant, 4);
+    assert_covers_all_variants("EventBody", event_body(), event_body_variant, 10);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -986,16 +1127,16 @@ fn unknown_variant_index_is_malformed() {
     assert_rejected::<ClientFrame>(&[0x09], unknown_variant());
     assert_rejected::<ClientFrame>(&[0x02], unknown_variant()); // one past Request
     assert_rejected::<ServerFrame>(&[0x04], unknown_variant()); // one past Closing
-    assert_rejected::<DeliveryFrame>(&[0x03], unknown_variant()); // one past End
+    assert_rejected::<DeliveryFrame>(&[0x04], unknown_variant()); // one past Receipt
     assert_rejected::<ClientFrame>(&[0xff, 0xff, 0xff, 0xff, 0x0f], unknown_variant()); // u32::MAX
-                                                                                        // Request 10 (one past SetAway) inside ClientFrame::Request { id: 7 }.
-    assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x0a], unknown_variant());
+                                                                                        // Request 19 (one past Page) inside ClientFrame::Request { id: 7 }.
+    assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x13], unknown_variant());
     // Subscribe { conv: 1, start: StartAt 3 (one past Latest) }.
     assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x03, 0x01, 0x03], unknown_variant());
-    // Response 10 (one past AwaySet) inside ServerFrame::Reply { id: 7 }.
-    assert_rejected::<ServerFrame>(&[0x01, 0x07, 0x0a], unknown_variant());
-    // DeliveryFrame::Event { seq 1, sender "a", at_ms 0, body: EventBody 5 (one past Unsupported) }.
-    assert_rejected::<DeliveryFrame>(&[0x01, 0x01, 0x01, b'a', 0x00, 0x05], unknown_variant());
+    // Response 14 (one past Pruned) inside ServerFrame::Reply { id: 7 }.
+    assert_rejected::<ServerFrame>(&[0x01, 0x07, 0x0e], unknown_variant());
+    // DeliveryFrame::Event { seq 1, sender "a", at_ms 0, body: EventBody 10 (one past Reply) }.
+    assert_rejected::<DeliveryFrame>(&[0x01, 0x01, 0x01, b'a', 0x00, 0x0a], unknown_variant());
 }
 
 #[test]
@@ -1382,6 +1523,430 @@ fn golden_delivery_event_message() {
             "11111111111111111111111111111111 ", // body.id: ClientMessageId, 16 raw bytes
             "02 6869",        // body.text: length 2, "hi"
         ],
+    );
+}
+
+// Revision 2: edits, deletes, reactions, replies, receipts, inbox, pages with state, pruning.
+
+#[test]
+fn golden_client_request_edit() {
+    assert_golden(
+        &ClientFrame::Request {
+            id: RequestId(21),
+            request: Request::Edit {
+                conv: ConversationId(1),
+                id: ClientMessageId([0x33; 16]),
+                target: Seq(42),
+                text: "hey".into(),
+            },
+        },
+        &[
+            "00000019 ",                         // length prefix: 25-byte body
+            "01 ",                               // ClientFrame variant 1: Request
+            "15 ",                               // id: RequestId(21)
+            "0a ",                               // Request variant 10: Edit
+            "01 ",                               // conv: ConversationId(1)
+            "33333333333333333333333333333333 ", // id: ClientMessageId, 16 raw bytes
+            "2a ",                               // target: Seq(42)
+            "03 686579",                         // text: length 3, "hey"
+        ],
+    );
+}
+
+#[test]
+fn golden_client_request_delete() {
+    assert_golden(
+        &ClientFrame::Request {
+            id: RequestId(22),
+            request: Request::Delete {
+                conv: ConversationId(1),
+                id: ClientMessageId([0x44; 16]),
+                target: Seq(42),
+            },
+        },
+        &[
+            "00000015 ",                         // length prefix: 21-byte body
+            "01 16 ",                            // Request, id 22
+            "0b ",                               // Request variant 11: Delete
+            "01 ",                               // conv: 1
+            "44444444444444444444444444444444 ", // id
+            "2a",                                // target: 42
+        ],
+    );
+}
+
+#[test]
+fn golden_client_request_react_and_unreact() {
+    assert_golden(
+        &ClientFrame::Request {
+            id: RequestId(23),
+            request: Request::React {
+                conv: ConversationId(1),
+                id: ClientMessageId([0x55; 16]),
+                target: Seq(42),
+                emoji: "👍".into(),
+            },
+        },
+        &[
+            "0000001a ",                         // length prefix: 26-byte body
+            "01 17 ",                            // Request, id 23
+            "0c ",                               // Request variant 12: React
+            "01 ",                               // conv: 1
+            "55555555555555555555555555555555 ", // id
+            "2a ",                               // target: 42
+            "04 f09f918d",                       // emoji: 4 bytes, U+1F44D
+        ],
+    );
+    assert_golden(
+        &ClientFrame::Request {
+            id: RequestId(24),
+            request: Request::Unreact {
+                conv: ConversationId(1),
+                id: ClientMessageId([0x56; 16]),
+                target: Seq(42),
+                emoji: "👍".into(),
+            },
+        },
+        &[
+            "0000001a 01 18 ", // length, Request, id 24
+            "0d ",             // Request variant 13: Unreact
+            "01 56565656565656565656565656565656 2a 04 f09f918d",
+        ],
+    );
+}
+
+#[test]
+fn golden_client_request_send_reply() {
+    assert_golden(
+        &ClientFrame::Request {
+            id: RequestId(25),
+            request: Request::SendReply {
+                conv: ConversationId(1),
+                id: ClientMessageId([0x66; 16]),
+                text: "ok".into(),
+                reply_to: Seq(42),
+            },
+        },
+        &[
+            "00000018 ",                         // length prefix: 24-byte body
+            "01 19 ",                            // Request, id 25
+            "0e ",                               // Request variant 14: SendReply
+            "01 ",                               // conv: 1
+            "66666666666666666666666666666666 ", // id
+            "02 6f6b ",                          // text: "ok"
+            "2a",                                // reply_to: 42
+        ],
+    );
+}
+
+#[test]
+fn golden_client_requests_receipts_inbox_page() {
+    let request = |id, request| ClientFrame::Request {
+        id: RequestId(id),
+        request,
+    };
+    let conv = ConversationId(1);
+    // MarkRead { conv 1, seq 43 }: Request, id 26, variant 15, conv, seq.
+    assert_golden(
+        &request(26, Request::MarkRead { conv, seq: Seq(43) }),
+        &["00000005 01 1a 0f 01 2b"],
+    );
+    // MarkDelivered { conv 1, seq 43 }: variant 16.
+    assert_golden(
+        &request(27, Request::MarkDelivered { conv, seq: Seq(43) }),
+        &["00000005 01 1b 10 01 2b"],
+    );
+    // Inbox: variant 17, a unit variant.
+    assert_golden(&request(28, Request::Inbox), &["00000003 01 1c 11"]);
+    // Page { conv 1, before None, limit 50 }: variant 18.
+    assert_golden(
+        &request(
+            29,
+            Request::Page {
+                conv,
+                before: None,
+                limit: 50,
+            },
+        ),
+        &["00000006 01 1d 12 01 00 32"],
+    );
+}
+
+#[test]
+fn golden_server_reply_receipt_inbox_pruned() {
+    let reply = |id, response| ServerFrame::Reply {
+        id: RequestId(id),
+        response,
+    };
+    let conv = ConversationId(1);
+    let bob = UserName("bob".into());
+    assert_golden(
+        &reply(
+            26,
+            Response::Receipt {
+                conv,
+                receipt: Receipt {
+                    user: bob.clone(),
+                    delivered: Seq(43),
+                    read: Seq(43),
+                },
+            },
+        ),
+        &[
+            "0000000a ",  // length prefix: 10-byte body
+            "01 1a ",     // Reply, id 26
+            "0a ",        // Response variant 10: Receipt
+            "01 ",        // conv: 1
+            "03 626f62 ", // receipt.user: "bob"
+            "2b 2b",      // receipt.delivered: 43, receipt.read: 43
+        ],
+    );
+    assert_golden(
+        &reply(
+            28,
+            Response::Inbox {
+                conversations: vec![InboxEntry {
+                    summary: ConversationSummary {
+                        conv,
+                        title: "lunch".into(),
+                        creator: UserName("alice".into()),
+                        members: vec![UserName("alice".into()), bob],
+                        head: Seq(46),
+                    },
+                    delivered: Seq(46),
+                    read: Seq(43),
+                    unread: 3,
+                }],
+            },
+        ),
+        &[
+            "00000020 ",                     // length prefix: 32-byte body
+            "01 1c ",                        // Reply, id 28
+            "0b ",                           // Response variant 11: Inbox
+            "01 ",                           // conversations: 1 element
+            "01 056c756e6368 05616c696365 ", // summary: conv 1, "lunch", creator "alice"
+            "02 05616c696365 03626f62 2e ",  // members ["alice", "bob"], head 46
+            "2e 2b 03",                      // delivered 46, read 43, unread 3
+        ],
+    );
+    assert_golden(
+        &reply(
+            30,
+            Response::Pruned {
+                conv,
+                oldest: Seq(40),
+                head: Seq(46),
+            },
+        ),
+        &["00000006 01 1e 0d 01 28 2e"], // Reply, id 30, variant 13: Pruned, conv 1, oldest 40, head 46
+    );
+}
+
+#[test]
+fn golden_server_reply_page() {
+    assert_golden(
+        &ServerFrame::Reply {
+            id: RequestId(29),
+            response: Response::Page {
+                conv: ConversationId(1),
+                events: vec![Event {
+                    seq: Seq(42),
+                    sender: UserName("alice".into()),
+                    at_ms: 1_700_000_000_000,
+                    body: EventBody::Message {
+                        id: ClientMessageId([0x11; 16]),
+                        text: "hi".into(),
+                    },
+                }],
+                states: vec![MessageState {
+                    seq: Seq(42),
+                    text: Some("hey".into()),
+                    edited: Some(Seq(44)),
+                    deleted: None,
+                    reactions: vec![Reaction {
+                        emoji: "👍".into(),
+                        users: vec![UserName("bob".into())],
+                    }],
+                }],
+                head: Seq(46),
+                oldest: Seq(1),
+            },
+        },
+        &[
+            "0000003d ",                            // length prefix: 61-byte body
+            "01 1d ",                               // Reply, id 29
+            "0c ",                                  // Response variant 12: Page
+            "01 ",                                  // conv: 1
+            "01 ",                                  // events: 1 element
+            "2a 05616c696365 80d095ffbc31 ",        //   seq 42, "alice", at_ms
+            "00 11111111111111111111111111111111 ", //   Message, id
+            "026869 ",                              //   text "hi"
+            "01 ",                                  // states: 1 element
+            "2a ",                                  //   seq 42
+            "01 03686579 ",                         //   text: Some("hey")
+            "01 2c ",                               //   edited: Some(44)
+            "00 ",                                  //   deleted: None
+            "01 04f09f918d 01 03626f62 ",           //   reactions: [{"👍", ["bob"]}]
+            "2e ",                                  // head: 46
+            "01",                                   // oldest: 1
+        ],
+    );
+}
+
+#[test]
+fn golden_delivery_receipt_and_revision_2_events() {
+    assert_golden(
+        &DeliveryFrame::Receipt(Receipt {
+            user: UserName("bob".into()),
+            delivered: Seq(43),
+            read: Seq(42),
+        }),
+        &[
+            "00000007 ",  // length prefix: 7-byte body
+            "03 ",        // DeliveryFrame variant 3: Receipt
+            "03 626f62 ", // user: "bob"
+            "2b 2a",      // delivered: 43, read: 42
+        ],
+    );
+    let event = |seq, sender: &str, body| {
+        DeliveryFrame::Event(Event {
+            seq: Seq(seq),
+            sender: UserName(sender.into()),
+            at_ms: 1_700_000_000_000,
+            body,
+        })
+    };
+    assert_golden(
+        &event(
+            44,
+            "alice",
+            EventBody::Edited {
+                id: ClientMessageId([0x33; 16]),
+                target: Seq(42),
+                text: "hey".into(),
+            },
+        ),
+        &[
+            "00000024 01 2c 05616c696365 80d095ffbc31 ", // Event, seq 44, "alice", at_ms
+            "05 ",                                       // EventBody variant 5: Edited
+            "33333333333333333333333333333333 2a ",      // id, target 42
+            "03 686579",                                 // text "hey"
+        ],
+    );
+    assert_golden(
+        &event(
+            45,
+            "bob",
+            EventBody::ReactionAdded {
+                id: ClientMessageId([0x55; 16]),
+                target: Seq(42),
+                emoji: "👍".into(),
+            },
+        ),
+        &[
+            "00000023 01 2d 03626f62 80d095ffbc31 ", // Event, seq 45, "bob", at_ms
+            "07 ",                                   // EventBody variant 7: ReactionAdded
+            "55555555555555555555555555555555 2a ",  // id, target 42
+            "04 f09f918d",                           // emoji
+        ],
+    );
+    assert_golden(
+        &event(
+            47,
+            "bob",
+            EventBody::ReactionRemoved {
+                id: ClientMessageId([0x56; 16]),
+                target: Seq(42),
+                emoji: "👍".into(),
+            },
+        ),
+        &[
+            "00000023 01 2f 03626f62 80d095ffbc31 08 ", // variant 8: ReactionRemoved
+            "56565656565656565656565656565656 2a 04 f09f918d",
+        ],
+    );
+    let deleted = EventBody::Deleted {
+        id: ClientMessageId([0x44; 16]),
+        target: Seq(42),
+    };
+    assert_golden(
+        &event(46, "alice", deleted.clone()),
+        &[
+            "00000020 01 2e 05616c696365 80d095ffbc31 ", // Event, seq 46, "alice", at_ms
+            "06 ",                                       // EventBody variant 6: Deleted
+            "44444444444444444444444444444444 2a",       // id, target 42
+        ],
+    );
+    // The same event as a revision-1 session gets it.
+    assert_golden(
+        &event(46, "alice", deleted.for_revision(1)),
+        &["00000010 01 2e 05616c696365 80d095ffbc31 04 06"], // Unsupported { kind 6 }
+    );
+    assert_golden(
+        &event(
+            48,
+            "bob",
+            EventBody::Reply {
+                id: ClientMessageId([0x66; 16]),
+                text: "ok".into(),
+                reply_to: Seq(42),
+            },
+        ),
+        &[
+            "00000021 01 30 03626f62 80d095ffbc31 ", // Event, seq 48, "bob", at_ms
+            "09 ",                                   // EventBody variant 9: Reply
+            "66666666666666666666666666666666 ",     // id
+            "02 6f6b 2a",                            // text "ok", reply_to 42
+        ],
+    );
+}
+
+#[test]
+fn revisions_of_every_kind() {
+    assert_eq!(quip_protocol::REVISION, 2);
+    let old = EventBody::MemberAdded {
+        user: UserName("a".into()),
+    };
+    assert_eq!(old.clone().for_revision(1), old);
+    let reply = EventBody::Reply {
+        id: ClientMessageId([0; 16]),
+        text: "x".into(),
+        reply_to: Seq(1),
+    };
+    assert_eq!(reply.clone().for_revision(2), reply);
+    assert_eq!(reply.for_revision(1), EventBody::Unsupported { kind: 9 });
+    assert_eq!(Request::Inbox.revision(), 2);
+    assert_eq!(Request::ListConversations.revision(), 1);
+}
+
+#[test]
+fn reactions_are_one_emoji_not_text() {
+    let react = |emoji: &str| Request::React {
+        conv: ConversationId(1),
+        id: ClientMessageId([0; 16]),
+        target: Seq(2),
+        emoji: emoji.into(),
+    };
+    assert_eq!(react("👍").validate(), Ok(()));
+    assert_eq!(react("👨‍👩‍👧‍👦").validate(), Ok(()));
+    for bad in [
+        "",
+        "a b",
+        "\n",
+        &"x".repeat(quip_protocol::limits::MAX_EMOJI_LEN + 1),
+    ] {
+        assert_refused(&react(bad), ErrorCode::INVALID_REQUEST);
+    }
+    let edit = |text: String| Request::Edit {
+        conv: ConversationId(1),
+        id: ClientMessageId([0; 16]),
+        target: Seq(2),
+        text,
+    };
+    assert_refused(&edit(String::new()), ErrorCode::INVALID_REQUEST);
+    assert_refused(
+        &edit("a".repeat(MAX_TEXT_LEN + 1)),
+        ErrorCode::MESSAGE_TOO_LARGE,
     );
 }
 

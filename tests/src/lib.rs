@@ -9,12 +9,14 @@
 //!   once per test process; a daemon that can be SIGKILLed and restarted on the same data.
 //! - [`load_corpus`]: multilingual dialog text, from `QUIP_CORPUS` or the project's fixture.
 //! - [`check`]: helpers that read events and history and compare them with clear messages.
+//! - [`hook`]: a loopback HTTP server standing in for a push gateway.
 //!
 //! Every wait has a deadline ([`within`]), so a bug fails a test instead of hanging it; failures
 //! are panics that say what was expected and what happened.
 
 pub mod check;
 mod corpus;
+pub mod hook;
 mod process;
 pub mod relay;
 mod server;

@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quip_client::{Client, ClientConfig, ClientError};
 use quipd::admin::{self, AdminRequest, AdminResponse};
+use quipd::push::PushStats;
 use quipd::store::StoreError;
 use quipd::{Server, ServerConfig};
 use tokio::sync::oneshot;
@@ -30,6 +32,19 @@ pub struct TestServer {
     /// `Some`, except while `restart` hands it to the next server.
     dir: Option<tempfile::TempDir>,
     running: Option<Running>,
+    /// Counters of the push hook, when the configuration has one.
+    pub push: Option<Arc<PushStats>>,
+    setup: Setup,
+}
+
+/// Changes a test makes to the server's configuration; kept for restarts.
+#[derive(Clone)]
+struct Setup(Arc<dyn Fn(&mut ServerConfig) + Send + Sync>);
+
+impl std::fmt::Debug for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Setup")
+    }
 }
 
 #[derive(Debug)]
@@ -41,16 +56,25 @@ struct Running {
 impl TestServer {
     /// Binds a server on a new temporary data directory and `127.0.0.1:0`, and runs it.
     pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`TestServer::start`], with `setup` changing the configuration first (the push
+    /// hook, retention, the store engine); restarts apply it again.
+    pub async fn start_with(
+        setup: impl Fn(&mut ServerConfig) + Send + Sync + 'static,
+    ) -> TestServer {
         let listen = "127.0.0.1:0".parse().expect("a valid socket address");
-        Self::start_in(temp_dir(), listen).await
+        Self::start_in(temp_dir(), listen, Setup(Arc::new(setup))).await
     }
 
     /// Starts a server whose data directory is `dir/data`. While the store or the port is still
     /// held by a server of this process that is finishing its shutdown, retries for
     /// [`RELOCK_WAIT`].
-    async fn start_in(dir: tempfile::TempDir, listen: SocketAddr) -> TestServer {
+    async fn start_in(dir: tempfile::TempDir, listen: SocketAddr, setup: Setup) -> TestServer {
         let data_dir = dir.path().join("data");
-        let config = ServerConfig::new(&data_dir, listen);
+        let mut config = ServerConfig::new(&data_dir, listen);
+        (setup.0)(&mut config);
         let deadline = Instant::now() + RELOCK_WAIT;
         let server = loop {
             let bound = within(
@@ -72,6 +96,7 @@ impl TestServer {
         let addr = server
             .local_addr()
             .expect("the bound server has a local address");
+        let push = server.push_stats();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             // Resolves on a stop signal, or when the `TestServer` is dropped.
@@ -82,6 +107,8 @@ impl TestServer {
             data_dir,
             dir: Some(dir),
             running: Some(Running { stop, task }),
+            push,
+            setup,
         }
     }
 
@@ -153,7 +180,7 @@ impl TestServer {
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
         let dir = self.dir.take().expect("the server owns its directory");
-        Self::start_in(dir, self.addr).await
+        Self::start_in(dir, self.addr, self.setup.clone()).await
     }
 
     async fn stop(&mut self) {

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use quip_client::{
-    Client, ClientConfig, ClientError, ConversationId, EphemeralEvent, Event, EventBody, Position,
-    PresenceInfo, Seq, StartAt, Subscription, TypingChange, TypingTracker, UserName,
+    Client, ClientConfig, ClientError, ConversationId, EphemeralEvent, Event, EventBody,
+    MessageState, Origin, Position, PresenceInfo, Receipt, Seq, StartAt, Subscription,
+    TypingChange, TypingTracker, Update, UserName,
 };
 
 /// Sends in flight at once when piping stdin into `quip send`.
@@ -46,7 +47,8 @@ struct Connection {
     #[arg(long, global = true, env = "QUIP_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Keep cursors and unacknowledged sends in this file, so that a restarted `quip` resumes
-    /// where it stopped (`tail` without `--after` continues from the saved cursor).
+    /// where it stopped (`tail` without `--after` continues from the saved cursor). One file per
+    /// device: each device resumes on its own cursors.
     #[arg(long, global = true, env = "QUIP_STATE")]
     state: Option<PathBuf>,
 }
@@ -62,8 +64,32 @@ enum Command {
     Send {
         conv: ConversationId,
         text: Option<String>,
+        /// Send TEXT as a reply to the message at this seq.
+        #[arg(long, requires = "text")]
+        reply_to: Option<u64>,
     },
-    /// Print a page of history in ascending seq order.
+    /// Mark everything up to SEQ as read (your other devices and the other members see it).
+    Read { conv: ConversationId, seq: u64 },
+    /// Replace the text of your message at SEQ; prints the seq of the edit.
+    Edit {
+        conv: ConversationId,
+        seq: u64,
+        text: String,
+    },
+    /// Delete the message at SEQ for everyone (yours, or any if you created the conversation);
+    /// prints the seq of the delete.
+    Delete { conv: ConversationId, seq: u64 },
+    /// React to the message at SEQ with EMOJI (or take the reaction back with --remove); prints
+    /// the seq of the reaction.
+    React {
+        conv: ConversationId,
+        seq: u64,
+        emoji: String,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Print a page of history in ascending seq order, each message with its current state
+    /// (latest text, deleted, reactions).
     History {
         conv: ConversationId,
         /// Only events before this seq.
@@ -90,9 +116,14 @@ enum Command {
         json: bool,
         /// Also print typing in this conversation and the presence of your contacts, as JSON
         /// lines: {"event":"typing"|"typing_stopped","conv":..,"user":..} and
-        /// {"event":"presence","user":..,"state":..,"last_seen_ms":..}.
+        /// {"event":"presence","user":..,"state":..,"last_seen_ms":..}; receipts too.
         #[arg(long)]
         events: bool,
+        /// Also print receipt changes (who has what delivered and read: the ticks), as lines
+        /// `✓ USER delivered=N read=M`, or with --json
+        /// {"event":"receipt","conv":..,"user":..,"delivered":..,"read":..}.
+        #[arg(long)]
+        receipts: bool,
     },
     /// Tell the other members you are typing, for a few seconds.
     Typing {
@@ -112,7 +143,7 @@ enum ConvCommand {
         #[arg(long, default_value = "")]
         title: String,
     },
-    /// List your conversations.
+    /// List your conversations: id, title, head, members and your unread count.
     List,
     /// Add a member (creator only).
     Add {
@@ -166,16 +197,20 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 out(&mut stdout, format_args!("{conv}"))?;
             }
             ConvCommand::List => {
-                for c in client.conversations().await? {
+                for entry in client.inbox().await? {
+                    let c = &entry.summary;
                     let members: Vec<&str> = c.members.iter().map(|m| m.as_str()).collect();
                     out(
                         &mut stdout,
                         format_args!(
-                            "{}\t{}\thead={}\t{}",
+                            "{}\t{}\thead={}\t{}\tunread={}\tread={}\tdelivered={}",
                             c.conv,
                             c.title,
                             c.head,
-                            members.join(",")
+                            members.join(","),
+                            entry.unread,
+                            entry.read,
+                            entry.delivered,
                         ),
                     )?;
                 }
@@ -192,20 +227,75 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Send {
             conv,
             text: Some(text),
+            reply_to,
         } => {
-            let sent = client.send(conv, text).await?;
+            let sent = match reply_to {
+                Some(to) => client.reply(conv, Seq(to), text).await?,
+                None => client.send(conv, text).await?,
+            };
             out(&mut stdout, format_args!("{}", sent.seq))?;
         }
-        Command::Send { conv, text: None } => send_lines(&client, conv, &mut stdout).await?,
+        Command::Send {
+            conv, text: None, ..
+        } => send_lines(&client, conv, &mut stdout).await?,
+        Command::Read { conv, seq } => {
+            let receipt = client.mark_read(conv, Seq(seq)).await?;
+            out(
+                &mut stdout,
+                format_args!("read={} delivered={}", receipt.read, receipt.delivered),
+            )?;
+        }
+        Command::Edit { conv, seq, text } => {
+            let sent = client.edit(conv, Seq(seq), text).await?;
+            out(&mut stdout, format_args!("{}", sent.seq))?;
+        }
+        Command::Delete { conv, seq } => {
+            let sent = client.delete(conv, Seq(seq)).await?;
+            out(&mut stdout, format_args!("{}", sent.seq))?;
+        }
+        Command::React {
+            conv,
+            seq,
+            emoji,
+            remove,
+        } => {
+            let sent = if remove {
+                client.unreact(conv, Seq(seq), emoji).await?
+            } else {
+                client.react(conv, Seq(seq), emoji).await?
+            };
+            out(&mut stdout, format_args!("{}", sent.seq))?;
+        }
         Command::History {
             conv,
             before,
             limit,
             json,
         } => {
-            let (events, _head) = client.history(conv, before.map(Seq), limit).await?;
-            for event in &events {
-                print_event(&mut stdout, conv, event, json)?;
+            let page = match client.page(conv, before.map(Seq), limit).await {
+                Ok(page) => page,
+                Err(ClientError::Pruned { oldest, .. }) => {
+                    eprintln!("quip: retention removed the events before seq {oldest}");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            if page.oldest > Seq(1) && page.events.first().map(|e| e.seq) == Some(page.oldest) {
+                eprintln!(
+                    "quip: the oldest event still stored is seq {}; retention removed older ones",
+                    page.oldest
+                );
+            }
+            let mut states = page.states.iter().peekable();
+            for event in &page.events {
+                let state = states.next_if(|s| s.seq == event.seq);
+                print_event(&mut stdout, conv, event, json, state, None)?;
+            }
+            if page.events.is_empty() && page.oldest > Seq(1) {
+                eprintln!(
+                    "quip: nothing stored before seq {}: retention removed older events",
+                    page.oldest
+                );
             }
         }
         Command::Tail {
@@ -214,6 +304,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             count,
             json,
             events,
+            receipts,
         } => {
             let start = match (after, client.saved_position(conv)) {
                 (Some(seq), _) => StartAt::After(Position {
@@ -225,30 +316,30 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             };
             // Listening starts before subscribing, so no datagram falls in between.
             let ephemeral = events.then(|| client.ephemeral_events());
-            let mut subscription = client.subscribe(conv, start).await?;
+            let mut subscription = match client.subscribe(conv, start).await {
+                Err(ClientError::Pruned { oldest, .. }) => {
+                    // Not a silent gap: say what is gone, then follow what is still there.
+                    eprintln!(
+                        "quip: retention removed the events before seq {oldest}; following from there"
+                    );
+                    let from = StartAt::After(Position {
+                        epoch: client.epoch(),
+                        seq: Seq(oldest.0.saturating_sub(1)),
+                    });
+                    client.subscribe(conv, from).await?
+                }
+                other => other?,
+            };
+            let tail = Tail {
+                client: &client,
+                conv,
+                json,
+                count,
+                receipts: receipts || events,
+            };
             match ephemeral {
-                Some(ephemeral) => {
-                    let tail = Tail {
-                        client: &client,
-                        conv,
-                        json,
-                        count,
-                    };
-                    tail.run(&mut subscription, ephemeral, &mut stdout).await?;
-                }
-                None => {
-                    let mut printed = 0;
-                    while count.is_none_or(|n| printed < n) {
-                        match subscription.next().await {
-                            Some(Ok(event)) => {
-                                print_event(&mut stdout, conv, &event, json)?;
-                                printed += 1;
-                            }
-                            Some(Err(e)) => return Err(e),
-                            None => break,
-                        }
-                    }
-                }
+                Some(ephemeral) => tail.run(&mut subscription, ephemeral, &mut stdout).await?,
+                None => tail.run_plain(&mut subscription, &mut stdout).await?,
             }
         }
         Command::Typing { conv, seconds } => {
@@ -314,15 +405,53 @@ async fn send_lines(
         .map_err(|e| ClientError::Config(format!("reading stdin: {e}")))
 }
 
-/// `quip tail --events`: messages as usual, plus typing and presence as JSON lines.
+/// `quip tail`: events as they come, with `--receipts` the receipt changes, with `--events`
+/// also typing and presence as JSON lines.
 struct Tail<'a> {
     client: &'a Client,
     conv: ConversationId,
     json: bool,
     count: Option<u64>,
+    receipts: bool,
 }
 
 impl Tail<'_> {
+    /// Prints an update; says whether it was an event (what `--count` counts).
+    fn print(&self, stdout: &mut impl Write, update: &Update) -> Result<bool, ClientError> {
+        match update {
+            Update::Event { event, origin } => {
+                print_event(stdout, self.conv, event, self.json, None, Some(*origin))?;
+                Ok(true)
+            }
+            Update::Receipt(receipt) => {
+                if self.receipts {
+                    print_receipt(stdout, self.conv, receipt, self.json)?;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn run_plain(
+        &self,
+        subscription: &mut Subscription,
+        stdout: &mut impl Write,
+    ) -> Result<(), ClientError> {
+        let mut printed = 0;
+        while self.count.is_none_or(|n| printed < n) {
+            match subscription.next_update().await {
+                Some(Ok(update)) => {
+                    if self.print(stdout, &update)? {
+                        printed += 1;
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
     async fn run(
         &self,
         subscription: &mut Subscription,
@@ -338,15 +467,18 @@ impl Tail<'_> {
         while self.count.is_none_or(|n| printed < n) {
             let expiry = typing.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
-                event = subscription.next() => match event {
-                    Some(Ok(event)) => {
-                        if let EventBody::Message { .. } = event.body {
-                            if let Some(change) = typing.handle_message(self.conv, &event.sender) {
-                                print_typing(stdout, &change)?;
+                update = subscription.next_update() => match update {
+                    Some(Ok(update)) => {
+                        if let Update::Event { event, .. } = &update {
+                            if event.body.is_message() {
+                                if let Some(change) = typing.handle_message(self.conv, &event.sender) {
+                                    print_typing(stdout, &change)?;
+                                }
                             }
                         }
-                        print_event(stdout, self.conv, &event, self.json)?;
-                        printed += 1;
+                        if self.print(stdout, &update)? {
+                            printed += 1;
+                        }
                     }
                     Some(Err(e)) => return Err(e),
                     None => break,
@@ -436,12 +568,51 @@ fn out(stdout: &mut impl Write, line: std::fmt::Arguments<'_>) -> Result<(), Cli
         .map_err(|e| ClientError::Config(format!("writing output: {e}")))
 }
 
+fn print_receipt(
+    stdout: &mut impl Write,
+    conv: ConversationId,
+    receipt: &Receipt,
+    json: bool,
+) -> Result<(), ClientError> {
+    if json {
+        let line = serde_json::json!({
+            "event": "receipt",
+            "conv": conv.0,
+            "user": receipt.user.as_str(),
+            "delivered": receipt.delivered.0,
+            "read": receipt.read.0,
+        });
+        return out(stdout, format_args!("{line}"));
+    }
+    out(
+        stdout,
+        format_args!(
+            "✓ {} delivered={} read={}",
+            receipt.user, receipt.delivered, receipt.read
+        ),
+    )
+}
+
+/// One event line. `state` is the message's current state (history); `origin` says who sent
+/// it as this client sees it (tail).
 fn print_event(
     stdout: &mut impl Write,
     conv: ConversationId,
     event: &Event,
     json: bool,
+    state: Option<&MessageState>,
+    origin: Option<Origin>,
 ) -> Result<(), ClientError> {
+    // A message's text as it is now: the latest edit's, or nothing once deleted.
+    let current = |text: &str| -> String {
+        match state {
+            Some(s) if s.deleted.is_some() => String::new(),
+            Some(MessageState {
+                text: Some(edited), ..
+            }) => edited.clone(),
+            _ => text.to_owned(),
+        }
+    };
     if json {
         let mut line = serde_json::json!({
             "conv": conv.0,
@@ -449,9 +620,27 @@ fn print_event(
             "sender": event.sender.as_str(),
             "at_ms": event.at_ms,
         });
-        let fields = match &event.body {
+        let mut fields = match &event.body {
             EventBody::Message { id, text } => serde_json::json!({
-                "type": "message", "id": id.to_string(), "text": text,
+                "type": "message", "id": id.to_string(), "text": current(text),
+            }),
+            EventBody::Reply { id, text, reply_to } => serde_json::json!({
+                "type": "reply", "id": id.to_string(), "text": current(text),
+                "reply_to": reply_to.0,
+            }),
+            EventBody::Edited { id, target, text } => serde_json::json!({
+                "type": "edited", "id": id.to_string(), "target": target.0, "text": text,
+            }),
+            EventBody::Deleted { id, target } => serde_json::json!({
+                "type": "deleted", "id": id.to_string(), "target": target.0,
+            }),
+            EventBody::ReactionAdded { id, target, emoji } => serde_json::json!({
+                "type": "reaction_added", "id": id.to_string(), "target": target.0,
+                "emoji": emoji,
+            }),
+            EventBody::ReactionRemoved { id, target, emoji } => serde_json::json!({
+                "type": "reaction_removed", "id": id.to_string(), "target": target.0,
+                "emoji": emoji,
             }),
             EventBody::Created { title, members } => serde_json::json!({
                 "type": "created", "title": title,
@@ -467,14 +656,77 @@ fn print_event(
                 serde_json::json!({ "type": "unsupported", "kind": kind })
             }
         };
+        if let (Some(state), Some(fields)) = (state, fields.as_object_mut()) {
+            if let Some(edited) = state.edited {
+                fields.insert("edited".into(), edited.0.into());
+            }
+            if let Some(deleted) = state.deleted {
+                fields.insert("deleted".into(), deleted.0.into());
+            }
+            if !state.reactions.is_empty() {
+                let reactions: serde_json::Map<String, serde_json::Value> = state
+                    .reactions
+                    .iter()
+                    .map(|r| {
+                        let users: Vec<&str> = r.users.iter().map(|u| u.as_str()).collect();
+                        (r.emoji.clone(), users.into())
+                    })
+                    .collect();
+                fields.insert("reactions".into(), reactions.into());
+            }
+        }
+        if let (Some(origin), Some(fields)) = (origin, fields.as_object_mut()) {
+            let origin = match origin {
+                Origin::ThisDevice => "this_device",
+                Origin::OtherDevice => "other_device",
+                Origin::Someone => "other",
+            };
+            fields.insert("origin".into(), origin.into());
+        }
         if let (Some(line), Some(fields)) = (line.as_object_mut(), fields.as_object()) {
             line.extend(fields.clone());
         }
         return out(stdout, format_args!("{line}"));
     }
     let (seq, who) = (event.seq, &event.sender);
+    // How a message looks now: "(deleted)", or its text, "(edited)", its reactions.
+    let decorate = |text: &str| -> String {
+        if state.is_some_and(|s| s.deleted.is_some()) {
+            return "(deleted)".into();
+        }
+        let mut shown = current(text);
+        if state.is_some_and(|s| s.edited.is_some()) {
+            shown.push_str(" (edited)");
+        }
+        for reaction in state.map(|s| s.reactions.as_slice()).unwrap_or_default() {
+            let users: Vec<&str> = reaction.users.iter().map(|u| u.as_str()).collect();
+            shown.push_str(&format!(" [{} {}]", reaction.emoji, users.join(",")));
+        }
+        shown
+    };
     match &event.body {
-        EventBody::Message { text, .. } => out(stdout, format_args!("{seq} {who}: {text}")),
+        EventBody::Message { text, .. } => {
+            out(stdout, format_args!("{seq} {who}: {}", decorate(text)))
+        }
+        EventBody::Reply { text, reply_to, .. } => out(
+            stdout,
+            format_args!("{seq} {who} (reply to {reply_to}): {}", decorate(text)),
+        ),
+        EventBody::Edited { target, text, .. } => out(
+            stdout,
+            format_args!("{seq} * {who} edited {target}: {text}"),
+        ),
+        EventBody::Deleted { target, .. } => {
+            out(stdout, format_args!("{seq} * {who} deleted {target}"))
+        }
+        EventBody::ReactionAdded { target, emoji, .. } => out(
+            stdout,
+            format_args!("{seq} * {who} reacted {emoji} to {target}"),
+        ),
+        EventBody::ReactionRemoved { target, emoji, .. } => out(
+            stdout,
+            format_args!("{seq} * {who} took back {emoji} on {target}"),
+        ),
         EventBody::Created { title, members } => {
             let members: Vec<&str> = members.iter().map(|m| m.as_str()).collect();
             out(

@@ -1,4 +1,5 @@
-//! The actor that owns one conversation's sequencer, its in-flight writes and its live feed.
+//! The actor that owns one conversation's sequencer, its in-flight writes, its live feed, its
+//! receipt cursors and its retention.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,19 +9,27 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use quip_protocol::{
-    encode_datagram, limits, ErrorBody, Event, EventBody, Seq, ServerDatagram, UserName,
+    encode_datagram, limits, ClientMessageId, ErrorBody, Event, EventBody, Receipt, Seq,
+    ServerDatagram, UserName,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::Instrument;
 
-use super::sequencer::{apply_membership, Append, Appended, Sequencer, StoredId};
+use super::receipts::ReceiptBoard;
+use super::retention::{self, Retention};
+use super::sequencer::{
+    apply_membership, Append, Appended, Sequencer, StoredId, TargetInfo, TargetLookup,
+};
 use super::typing::TypingBoard;
-use super::{store_error, Command, Sent, Subscription, Typing, TypingRelay, View, LIVE_BUFFER};
+use super::{store_error, Command, Sent, Services, Subscription, Typing, View, LIVE_BUFFER};
 use crate::presence::{EphemeralStats, Relay};
-use crate::store::{ConversationRecord, Store, StoreError, WriteBatch};
+use crate::push::Arrival;
+use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError, WriteBatch};
 
 /// Most commands folded into one store commit.
 const MAX_COMMANDS_PER_COMMIT: usize = 256;
+/// How often retention by age looks for events that grew too old.
+const AGE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Milliseconds since the Unix epoch: informational timestamps only, never used for order.
 pub fn now_ms() -> u64 {
@@ -28,6 +37,9 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Receipts as the delivery streams show them: every member's cursors, in name order.
+pub type ReceiptsView = Arc<Vec<Receipt>>;
 
 /// Someone waiting for a seq to become durable.
 enum Waiter {
@@ -40,16 +52,20 @@ enum Waiter {
 
 impl Waiter {
     fn answer(self, event: &Event) {
+        self.answer_at(event.seq, event.at_ms);
+    }
+
+    fn answer_at(self, seq: Seq, at_ms: u64) {
         match self {
             Waiter::Send { duplicate, reply } => {
                 let _ = reply.send(Ok(Sent {
-                    seq: event.seq,
-                    at_ms: event.at_ms,
+                    seq,
+                    at_ms,
                     duplicate,
                 }));
             }
             Waiter::Member(reply) => {
-                let _ = reply.send(Ok(event.seq));
+                let _ = reply.send(Ok(seq));
             }
         }
     }
@@ -66,8 +82,28 @@ impl Waiter {
     }
 }
 
-type CommitFuture =
-    Pin<Box<dyn Future<Output = (Result<(), StoreError>, Vec<Event>)> + Send + 'static>>;
+/// What one store commit carries besides its writes, handled once it is durable.
+#[derive(Default)]
+struct Staged {
+    events: Vec<Event>,
+    /// Receipt requests, answered once durable.
+    receipts: Vec<(
+        oneshot::Sender<Result<ReceiptRecord, ErrorBody>>,
+        ReceiptRecord,
+    )>,
+    /// Whether a receipt changed: the board is shown anew once durable.
+    receipts_changed: bool,
+    /// The oldest seq kept once this commit (a retention step) is durable.
+    prune_to: Option<Seq>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.receipts.is_empty() && self.prune_to.is_none()
+    }
+}
+
+type CommitFuture = Pin<Box<dyn Future<Output = (Result<(), StoreError>, Staged)> + Send>>;
 
 struct ConversationActor {
     sequencer: Sequencer,
@@ -79,25 +115,50 @@ struct ConversationActor {
     waiting: BTreeMap<Seq, Vec<Waiter>>,
     /// The last seq known durable, and so the last one that may be shown to anyone.
     durable: Seq,
+    /// The oldest seq still stored (retention removes older ones); 1 while nothing was pruned.
+    floor: Seq,
     /// The conversation's state as of `durable`: who may read. The sequencer's record runs
     /// ahead of it by the membership changes not yet durable, which must not grant reading.
     visible: ConversationRecord,
     live: broadcast::Sender<Arc<Event>>,
+    /// Receipt cursors as assigned (ahead of what is durable, like the sequencer).
+    receipts: ReceiptBoard,
+    /// Receipt cursors as durable, for the delivery streams.
+    shown_receipts: watch::Sender<ReceiptsView>,
     /// Set when a commit failed: seqs past `durable` may be lost, so nothing more is assigned.
     failed: bool,
+    /// A retention step is being made durable.
+    pruning: bool,
     /// Typing signals of members, to relay to the other members.
     typing_inbox: mpsc::Receiver<Typing>,
     typing: TypingBoard,
-    relay: TypingRelay,
+    retention: Retention,
+    services: Services,
 }
 
-pub(super) fn spawn(
-    sequencer: Sequencer,
-    store: Store,
-    (inbox, typing_inbox): (mpsc::Receiver<Command>, mpsc::Receiver<Typing>),
-    relay: TypingRelay,
-    first: Option<(Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
-) {
+pub(super) struct Start {
+    pub sequencer: Sequencer,
+    pub store: Store,
+    pub inbox: mpsc::Receiver<Command>,
+    pub typing_inbox: mpsc::Receiver<Typing>,
+    pub services: Services,
+    /// A new conversation's first event and its creator's reply.
+    pub first: Option<(Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
+    pub receipts: ReceiptBoard,
+    pub floor: Seq,
+}
+
+pub(super) fn spawn(start: Start) {
+    let Start {
+        sequencer,
+        store,
+        inbox,
+        typing_inbox,
+        services,
+        first,
+        receipts,
+        floor,
+    } = start;
     let conv = sequencer.conv();
     let (live, _) = broadcast::channel(LIVE_BUFFER);
     // A new conversation has nothing durable yet: its Created event is the first commit.
@@ -109,8 +170,10 @@ pub(super) fn spawn(
         }
         None => (sequencer.assigned(), sequencer.record().clone()),
     };
+    let shown = Arc::new(receipts.receipts(&visible.members));
     let mut actor = ConversationActor {
         durable,
+        floor: floor.max(Seq(1)),
         visible,
         sequencer,
         store,
@@ -118,16 +181,23 @@ pub(super) fn spawn(
         in_flight: FuturesOrdered::new(),
         waiting: BTreeMap::new(),
         live,
+        receipts,
+        shown_receipts: watch::Sender::new(shown),
         failed: false,
+        pruning: false,
         typing_inbox,
-        typing: TypingBoard::new(relay.interval, Duration::from_millis(limits::TYPING_TTL_MS)),
-        relay,
+        typing: TypingBoard::new(
+            services.relay.interval,
+            Duration::from_millis(limits::TYPING_TTL_MS),
+        ),
+        retention: services.retention.of(conv),
+        services,
     };
     if let Some((append, reply)) = first {
         let mut writes = WriteBatch::new();
-        let mut events = Vec::new();
-        actor.stage(append, Waiter::Member(reply), &mut writes, &mut events);
-        actor.commit(writes, events);
+        let mut staged = Staged::default();
+        actor.stage(append, Waiter::Member(reply), &mut writes, &mut staged);
+        actor.commit(writes, staged);
     }
     let active = crate::metrics::GaugeGuard::new(crate::metrics::CONVERSATIONS_ACTIVE);
     tokio::spawn(
@@ -141,70 +211,70 @@ pub(super) fn spawn(
 
 impl ConversationActor {
     async fn run(mut self) {
+        let mut age_check = tokio::time::interval(AGE_CHECK_INTERVAL);
+        age_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 // Durable commits first: answering them frees memory and unblocks senders.
-                // Typing last: it is perishable and must never hold up a message.
+                // Retention next (rare); typing last: it is perishable and must never hold up
+                // a message.
                 biased;
-                Some((result, events)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.on_commit(result, events);
+                Some((result, staged)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.on_commit(result, staged);
                 }
                 command = self.inbox.recv() => {
                     let Some(command) = command else { break };
                     self.on_commands(command);
                 }
+                _ = age_check.tick(), if self.retention.keep_for.is_some() => {
+                    self.prune_by_age();
+                }
                 Some(typing) = self.typing_inbox.recv() => self.on_typing(typing),
             }
         }
-        while let Some((result, events)) = self.in_flight.next().await {
-            self.on_commit(result, events);
+        while let Some((result, staged)) = self.in_flight.next().await {
+            self.on_commit(result, staged);
         }
     }
 
     /// Handles `first` and whatever else is queued, as one store commit.
     fn on_commands(&mut self, first: Command) {
         let mut writes = WriteBatch::new();
-        let mut events = Vec::new();
-        self.on_command(first, &mut writes, &mut events);
+        let mut staged = Staged::default();
+        self.on_command(first, &mut writes, &mut staged);
         for _ in 1..MAX_COMMANDS_PER_COMMIT {
             match self.inbox.try_recv() {
-                Ok(command) => self.on_command(command, &mut writes, &mut events),
+                Ok(command) => self.on_command(command, &mut writes, &mut staged),
                 Err(_) => break,
             }
         }
-        if !events.is_empty() {
-            self.commit(writes, events);
+        if !staged.is_empty() {
+            self.commit(writes, staged);
         }
     }
 
-    fn on_command(&mut self, command: Command, writes: &mut WriteBatch, events: &mut Vec<Event>) {
+    fn on_command(&mut self, command: Command, writes: &mut WriteBatch, staged: &mut Staged) {
         match command {
-            Command::Send {
+            Command::Act {
                 sender,
-                id,
-                text,
+                body,
                 reply,
             } => {
                 if self.failed {
                     let _ = reply.send(Err(self.unavailable_to(&sender)));
                     return;
                 }
-                let stored = match self.stored_id(&sender, id) {
-                    Ok(stored) => stored,
-                    Err(e) => {
-                        let _ = reply.send(Err(store_error(e)));
-                        return;
-                    }
-                };
-                match self.sequencer.send(&sender, id, text, stored, now_ms()) {
+                match self.act(&sender, body) {
                     Ok(Appended::New(append)) => {
                         // A message ends its sender's typing indicator for the others.
-                        self.stop_typing(&sender);
+                        if append.event.body.is_message() {
+                            self.stop_typing(&sender);
+                        }
                         let waiter = Waiter::Send {
                             duplicate: false,
                             reply,
                         };
-                        self.stage(append, waiter, writes, events);
+                        self.stage(append, waiter, writes, staged);
                     }
                     Ok(Appended::Duplicate(seq)) => self.answer_duplicate(seq, reply),
                     Err(e) => {
@@ -225,7 +295,7 @@ impl ConversationActor {
                     }
                 };
                 match self.sequencer.add_member(&by, user, exists, now_ms()) {
-                    Ok(append) => self.stage(append, Waiter::Member(reply), writes, events),
+                    Ok(append) => self.stage(append, Waiter::Member(reply), writes, staged),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -239,7 +309,35 @@ impl ConversationActor {
                 match self.sequencer.remove_member(&by, user.clone(), now_ms()) {
                     Ok(append) => {
                         self.stop_typing(&user);
-                        self.stage(append, Waiter::Member(reply), writes, events);
+                        self.stage(append, Waiter::Member(reply), writes, staged);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Receipt {
+                user,
+                delivered,
+                read,
+                reply,
+            } => {
+                // Receipts are about what a member could see: durable membership and seqs.
+                if !self.visible.members.contains(&user) {
+                    let _ = reply.send(Err(ErrorBody::not_found()));
+                    return;
+                }
+                if self.failed {
+                    let _ = reply.send(Err(self.unavailable_to(&user)));
+                    return;
+                }
+                match self.receipts.advance(&user, delivered, read, self.durable) {
+                    Ok((record, changed)) => {
+                        if changed {
+                            writes.put_receipt(self.sequencer.conv(), &user, &record);
+                            staged.receipts_changed = true;
+                        }
+                        staged.receipts.push((reply, record));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -251,6 +349,8 @@ impl ConversationActor {
                     Ok(Subscription {
                         live: self.live.subscribe(),
                         head: self.durable,
+                        oldest: self.floor,
+                        receipts: self.shown_receipts.subscribe(),
                     })
                 } else {
                     Err(ErrorBody::not_found())
@@ -262,6 +362,17 @@ impl ConversationActor {
                     Ok(View {
                         record: self.visible.clone(),
                         head: self.durable,
+                        oldest: self.floor,
+                        receipt: self
+                            .shown_receipts
+                            .borrow()
+                            .iter()
+                            .find(|r| r.user == user)
+                            .map(|r| ReceiptRecord {
+                                delivered: r.delivered,
+                                read: r.read,
+                            })
+                            .unwrap_or_default(),
                     })
                 } else {
                     Err(ErrorBody::not_found())
@@ -269,6 +380,39 @@ impl ConversationActor {
                 let _ = reply.send(answer);
             }
         }
+    }
+
+    /// A user's action: looks up what the rules need, then lets the sequencer decide.
+    fn act(&mut self, sender: &UserName, body: EventBody) -> Result<Appended, ErrorBody> {
+        let id = body.client_id().unwrap_or(ClientMessageId([0; 16]));
+        let stored = self.stored_id(sender, id).map_err(store_error)?;
+        let target = match body.target() {
+            Some(seq) => Some(self.target(seq).map_err(store_error)?),
+            None => None,
+        };
+        self.sequencer.act(sender, body, stored, target, now_ms())
+    }
+
+    /// What is at `seq`, for an edit, delete, reaction or reply pointing at it.
+    fn target(&self, seq: Seq) -> Result<TargetLookup, StoreError> {
+        if seq == Seq::ZERO || seq > self.sequencer.assigned() || seq < self.floor {
+            return Ok(TargetLookup::Missing);
+        }
+        if let Some(info) = self.sequencer.pending_target(seq) {
+            return Ok(TargetLookup::Message(info.clone()));
+        }
+        let conv = self.sequencer.conv();
+        let Some(event) = self.store.event_without_text(conv, seq)? else {
+            return Ok(TargetLookup::Missing);
+        };
+        if !event.body.is_message() {
+            return Ok(TargetLookup::NotAMessage);
+        }
+        let record = self.store.message_record(conv, seq)?.unwrap_or_default();
+        Ok(TargetLookup::Message(TargetInfo {
+            author: event.sender,
+            record,
+        }))
     }
 
     /// The answer after a failed commit: a member learns the server cannot write now; anyone
@@ -282,11 +426,7 @@ impl ConversationActor {
     }
 
     /// What the store knows of an id that is not in flight.
-    fn stored_id(
-        &self,
-        sender: &UserName,
-        id: quip_protocol::ClientMessageId,
-    ) -> Result<StoredId, StoreError> {
+    fn stored_id(&self, sender: &UserName, id: ClientMessageId) -> Result<StoredId, StoreError> {
         if self.sequencer.in_flight(sender, id).is_some() {
             return Ok(StoredId::Unknown);
         }
@@ -295,17 +435,20 @@ impl ConversationActor {
             return Ok(StoredId::Unknown);
         };
         match self.store.event(conv, seq)? {
-            Some(Event {
-                body: EventBody::Message { text, .. },
-                ..
-            }) => Ok(StoredId::Stored { seq, text }),
+            Some(event) if event.body.client_id() == Some(id) => Ok(StoredId::Stored {
+                seq,
+                body: Some(event.body),
+            }),
+            // Retention removed it; the id outlives it, so a late retry is still recognised.
+            None if seq < self.floor => Ok(StoredId::Stored { seq, body: None }),
             _ => Err(StoreError::Corrupt(format!(
-                "message id points at seq {seq}, which holds no message"
+                "message id points at seq {seq}, which holds no action with that id"
             ))),
         }
     }
 
-    /// A retry of a send already assigned: answered with the original seq once that is durable.
+    /// A retry of an action already assigned: answered with the original seq once that is
+    /// durable.
     fn answer_duplicate(&mut self, seq: Seq, reply: oneshot::Sender<Result<Sent, ErrorBody>>) {
         let waiter = Waiter::Send {
             duplicate: true,
@@ -315,7 +458,12 @@ impl ConversationActor {
             self.waiting.entry(seq).or_default().push(waiter);
             return;
         }
-        match self.store.event(self.sequencer.conv(), seq) {
+        if seq < self.floor {
+            // Pruned: its server time went with it.
+            waiter.answer_at(seq, 0);
+            return;
+        }
+        match self.store.event_without_text(self.sequencer.conv(), seq) {
             Ok(Some(event)) => waiter.answer(&event),
             Ok(None) => waiter.fail(store_error(StoreError::Corrupt(format!(
                 "durable seq {seq} is missing"
@@ -329,23 +477,31 @@ impl ConversationActor {
         append: Append,
         waiter: Waiter,
         writes: &mut WriteBatch,
-        events: &mut Vec<Event>,
+        staged: &mut Staged,
     ) {
         writes.extend(append.writes);
-        self.waiting
-            .entry(append.event.seq)
-            .or_default()
-            .push(waiter);
-        events.push(append.event);
+        let event = append.event;
+        // Writing in a conversation reads it: the author's own event moves its cursors.
+        if event.body.client_id().is_some() {
+            let (record, changed) = self
+                .receipts
+                .advance_own(&event.sender, event.seq, event.seq);
+            if changed {
+                writes.put_receipt(self.sequencer.conv(), &event.sender, &record);
+                staged.receipts_changed = true;
+            }
+        }
+        self.waiting.entry(event.seq).or_default().push(waiter);
+        staged.events.push(event);
     }
 
-    fn commit(&mut self, writes: WriteBatch, events: Vec<Event>) {
+    fn commit(&mut self, writes: WriteBatch, staged: Staged) {
         let durable = self.store.commit(writes);
         self.in_flight
-            .push_back(Box::pin(async move { (durable.await, events) }));
+            .push_back(Box::pin(async move { (durable.await, staged) }));
     }
 
-    fn on_commit(&mut self, result: Result<(), StoreError>, events: Vec<Event>) {
+    fn on_commit(&mut self, result: Result<(), StoreError>, staged: Staged) {
         if let Err(e) = result {
             // The store refuses all writes from now on; fail everything not yet durable.
             self.failed = true;
@@ -353,11 +509,16 @@ impl ConversationActor {
             for waiter in std::mem::take(&mut self.waiting).into_values().flatten() {
                 waiter.fail(error.clone());
             }
+            for (reply, _) in staged.receipts {
+                let _ = reply.send(Err(error.clone()));
+            }
             return;
         }
-        for event in events {
-            if matches!(event.body, EventBody::Message { .. }) {
+        let membership_before = self.visible.members.clone();
+        for event in staged.events {
+            if event.body.is_message() {
                 metrics::counter!(crate::metrics::MESSAGES_APPENDED).increment(1);
+                self.notify_offline(&event);
             }
             self.sequencer.durable(&event);
             self.durable = event.seq;
@@ -369,6 +530,109 @@ impl ConversationActor {
             // No receiver is fine: nobody is subscribed right now.
             let _ = self.live.send(Arc::new(event));
         }
+        if staged.receipts_changed || membership_before != self.visible.members {
+            self.show_receipts();
+        }
+        for (reply, record) in staged.receipts {
+            let _ = reply.send(Ok(record));
+        }
+        if let Some(floor) = staged.prune_to {
+            self.floor = floor;
+            self.pruning = false;
+        }
+        self.prune_by_count();
+    }
+
+    /// Shows the durable receipts of the current members on every delivery stream.
+    fn show_receipts(&mut self) {
+        let shown = Arc::new(self.receipts.receipts(&self.visible.members));
+        self.shown_receipts.send_replace(shown);
+    }
+
+    /// Hands a durable message to the push hook for the members other than its author; the
+    /// hook's task finds out which of them have no device online. Never waits.
+    fn notify_offline(&self, event: &Event) {
+        let Some(push) = &self.services.push else {
+            return;
+        };
+        let to: Vec<UserName> = self
+            .visible
+            .members
+            .iter()
+            .filter(|m| **m != event.sender)
+            .cloned()
+            .collect();
+        if to.is_empty() {
+            return;
+        }
+        push.notify(Arrival {
+            conv: self.sequencer.conv(),
+            seq: event.seq,
+            sender: event.sender.clone(),
+            at_ms: event.at_ms,
+            text: event.body.text().unwrap_or_default().to_owned(),
+            to,
+        });
+    }
+
+    fn prune_by_count(&mut self) {
+        if let Some(keep) = self.retention.keep_events {
+            let wanted = retention::floor_by_count(keep, self.floor, self.durable);
+            self.prune_to(wanted);
+        }
+    }
+
+    fn prune_by_age(&mut self) {
+        let Some(keep_for) = self.retention.keep_for else {
+            return;
+        };
+        if self.pruning || self.failed {
+            return;
+        }
+        let cutoff = now_ms().saturating_sub(keep_for.as_millis() as u64);
+        let conv = self.sequencer.conv();
+        let oldest = match self.store.event_times_after(
+            conv,
+            Seq(self.floor.0.saturating_sub(1)),
+            retention::PRUNE_BATCH as usize,
+        ) {
+            Ok(oldest) => oldest,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the oldest events for retention");
+                return;
+            }
+        };
+        if let Some(wanted) = retention::floor_by_age(&oldest, cutoff, self.durable) {
+            self.prune_to(wanted);
+        }
+    }
+
+    /// Removes the events below `wanted` (a bounded step of them), as one commit.
+    fn prune_to(&mut self, wanted: Seq) {
+        if self.pruning || self.failed {
+            return;
+        }
+        let Some(to) = retention::next_step(self.floor, wanted) else {
+            return;
+        };
+        let conv = self.sequencer.conv();
+        let mut writes = WriteBatch::new();
+        for seq in self.floor.0..to.0 {
+            writes.prune_event(conv, Seq(seq));
+        }
+        tracing::debug!(
+            from = self.floor.0,
+            to = to.0,
+            "retention removes old events"
+        );
+        self.pruning = true;
+        self.commit(
+            writes,
+            Staged {
+                prune_to: Some(to),
+                ..Staged::default()
+            },
+        );
     }
 }
 
@@ -377,7 +641,7 @@ impl ConversationActor {
     /// takes effect here at once), dropped and counted otherwise.
     fn on_typing(&mut self, Typing { user, typing }: Typing) {
         if !self.sequencer.is_member(&user) {
-            EphemeralStats::count(&self.relay.presence.stats().not_member);
+            EphemeralStats::count(&self.services.relay.presence.stats().not_member);
             return;
         }
         let now = Instant::now();
@@ -420,7 +684,7 @@ impl ConversationActor {
             ServerDatagram::StoppedTyping { conv, user }
         };
         match encode_datagram(&datagram) {
-            Ok(datagram) => self.relay.presence.relay(Relay {
+            Ok(datagram) => self.services.relay.presence.relay(Relay {
                 to,
                 datagram: datagram.into(),
             }),

@@ -6,6 +6,8 @@
 //! it, not the callers.
 
 mod actor;
+pub mod receipts;
+pub mod retention;
 pub mod sequencer;
 pub mod typing;
 
@@ -13,12 +15,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quip_protocol::{ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, Seq, UserName};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use quip_protocol::{
+    ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, EventBody, Seq, UserName,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::presence::{EphemeralStats, PresenceHandle};
-use crate::store::{ConversationRecord, Store, StoreError};
-pub use actor::now_ms;
+use crate::push::PushHandle;
+use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError};
+pub use actor::{now_ms, ReceiptsView};
+use receipts::ReceiptBoard;
+pub use retention::Retention;
 use sequencer::Sequencer;
 
 /// Commands waiting for a conversation's actor. Senders wait when it is full: backpressure
@@ -39,28 +46,40 @@ pub struct Sent {
     pub duplicate: bool,
 }
 
-/// The start of a live subscription: events after `head` arrive on `live`; those up to `head`
-/// are in the store.
+/// The start of a live subscription: events after `head` arrive on `live`; those from
+/// `oldest` up to `head` are in the store. `receipts` shows every member's durable receipt
+/// cursors, and changes to them.
 #[derive(Debug)]
 pub struct Subscription {
     pub live: broadcast::Receiver<Arc<Event>>,
     pub head: Seq,
+    pub oldest: Seq,
+    pub receipts: watch::Receiver<ReceiptsView>,
 }
 
-/// A member's view of a conversation: its state and its last durable seq.
+/// A member's view of a conversation: its state, its last durable seq, the oldest one still
+/// stored, and the member's own receipt cursors.
 #[derive(Debug, Clone)]
 pub struct View {
     pub record: ConversationRecord,
     pub head: Seq,
+    pub oldest: Seq,
+    pub receipt: ReceiptRecord,
 }
 
 #[derive(Debug)]
 enum Command {
-    Send {
+    /// A user's action: a message, a reply, an edit, a delete, a reaction.
+    Act {
         sender: UserName,
-        id: ClientMessageId,
-        text: String,
+        body: EventBody,
         reply: oneshot::Sender<Result<Sent, ErrorBody>>,
+    },
+    Receipt {
+        user: UserName,
+        delivered: Seq,
+        read: Seq,
+        reply: oneshot::Sender<Result<ReceiptRecord, ErrorBody>>,
     },
     AddMember {
         by: UserName,
@@ -95,6 +114,15 @@ pub struct TypingRelay {
     pub presence: PresenceHandle,
     /// A user's repeated `Typing` is relayed at most this often (see `typing::TypingBoard`).
     pub interval: Duration,
+}
+
+/// What every conversation actor works with besides the store.
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub relay: TypingRelay,
+    /// The offline push hook, if one is configured.
+    pub push: Option<PushHandle>,
+    pub retention: crate::config::RetentionConfig,
 }
 
 /// The handle to one conversation's actor.
@@ -137,10 +165,31 @@ impl ConversationHandle {
     /// Queues a send. Sends queued by one caller are sequenced in the order queued; the returned
     /// reply resolves once the message is durable.
     pub async fn send(&self, sender: UserName, id: ClientMessageId, text: String) -> Pending<Sent> {
-        self.ask(|reply| Command::Send {
+        self.act(sender, EventBody::Message { id, text }).await
+    }
+
+    /// Queues a user's action (`body` is a message, a reply, an edit, a delete or a reaction),
+    /// in order with sends; the reply resolves once it is durable.
+    pub async fn act(&self, sender: UserName, body: EventBody) -> Pending<Sent> {
+        self.ask(|reply| Command::Act {
             sender,
-            id,
-            text,
+            body,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves `user`'s receipt cursors forward; resolves once durable.
+    pub async fn receipt(
+        &self,
+        user: UserName,
+        delivered: Seq,
+        read: Seq,
+    ) -> Pending<ReceiptRecord> {
+        self.ask(|reply| Command::Receipt {
+            user,
+            delivered,
+            read,
             reply,
         })
         .await
@@ -177,17 +226,17 @@ impl ConversationHandle {
 #[derive(Debug)]
 pub struct Conversations {
     store: Store,
-    relay: TypingRelay,
+    services: Services,
     // A short std lock: held for a map lookup (and, on a conversation's first use, two sled
     // reads), never across an await.
     actors: Mutex<HashMap<ConversationId, ConversationHandle>>,
 }
 
 impl Conversations {
-    pub fn new(store: Store, relay: TypingRelay) -> Result<Self, StoreError> {
+    pub fn new(store: Store, services: Services) -> Result<Self, StoreError> {
         Ok(Conversations {
             store,
-            relay,
+            services,
             actors: Mutex::new(HashMap::new()),
         })
     }
@@ -204,7 +253,9 @@ impl Conversations {
             return Ok(None);
         };
         let head = self.store.head(conv)?;
-        let handle = self.start(Sequencer::load(conv, record, head), None);
+        let receipts = ReceiptBoard::load(self.store.receipts(conv)?);
+        let floor = self.store.oldest(conv)?;
+        let handle = self.start(Sequencer::load(conv, record, head), None, receipts, floor);
         actors.insert(conv, handle.clone());
         Ok(Some(handle))
     }
@@ -242,7 +293,13 @@ impl Conversations {
                 }
             };
             let (sequencer, first) = Sequencer::create(conv, creator, title, invited, now_ms());
-            actors.insert(conv, self.start(sequencer, Some((first, reply))));
+            let started = self.start(
+                sequencer,
+                Some((first, reply)),
+                ReceiptBoard::default(),
+                Seq(1),
+            );
+            actors.insert(conv, started);
             conv
         };
         match answer(rx).await {
@@ -262,22 +319,27 @@ impl Conversations {
         &self,
         sequencer: Sequencer,
         first: Option<(sequencer::Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
+        receipts: ReceiptBoard,
+        floor: Seq,
     ) -> ConversationHandle {
         let conv = sequencer.conv();
         let (commands, inbox) = mpsc::channel(MAILBOX);
         let (typing, typing_inbox) = mpsc::channel(EPHEMERAL_MAILBOX);
-        actor::spawn(
+        actor::spawn(actor::Start {
             sequencer,
-            self.store.clone(),
-            (inbox, typing_inbox),
-            self.relay.clone(),
+            store: self.store.clone(),
+            inbox,
+            typing_inbox,
+            services: self.services.clone(),
             first,
-        );
+            receipts,
+            floor,
+        });
         ConversationHandle {
             conv,
             commands,
             typing,
-            stats: self.relay.presence.stats().clone(),
+            stats: self.services.relay.presence.stats().clone(),
         }
     }
 }

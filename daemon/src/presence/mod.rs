@@ -128,6 +128,10 @@ enum Control {
         users: Vec<UserName>,
         reply: oneshot::Sender<Vec<PresenceInfo>>,
     },
+    Connected {
+        users: Vec<UserName>,
+        reply: oneshot::Sender<Vec<UserName>>,
+    },
 }
 
 /// The cheap, cloneable handle to the presence actor.
@@ -203,6 +207,21 @@ impl PresenceHandle {
         if self
             .control
             .send(Control::Snapshot { users, reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Those of `users` with at least one device connected now (a device inside its presence
+    /// grace period is gone, so it does not count). What the push hook asks.
+    pub async fn connected(&self, users: Vec<UserName>) -> Vec<UserName> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .control
+            .send(Control::Connected { users, reply })
             .await
             .is_err()
         {
@@ -317,6 +336,13 @@ impl PresenceActor {
             Control::Snapshot { users, reply } => {
                 let snapshot = users.iter().map(|u| self.board.presence(u)).collect();
                 let _ = reply.send(snapshot);
+            }
+            Control::Connected { users, reply } => {
+                let connected = users
+                    .into_iter()
+                    .filter(|u| self.board.devices(u).next().is_some())
+                    .collect();
+                let _ = reply.send(connected);
             }
         }
     }

@@ -4,10 +4,18 @@
 //! writer could copy a message id whose message it missed. But the store writer is the only
 //! writer, so between two of its group commits the store holds one consistent state. There the
 //! writer takes a [`Cut`]: each conversation's head seq, and a copy of every record outside the
-//! two append-only tables. Those two — `convseq_event` and `convmsgid_seq` — are never
-//! overwritten or removed (see `keys.rs`), so they are read afterwards, while writes go on,
-//! keeping only what is at or below the cut's heads. The result is exactly the store as it was
-//! at the cut; the pause is a copy of the small tables, not of the messages.
+//! two append-only tables and the text refs. `convseq_event` and `convmsgid_seq` are never
+//! overwritten (see `keys.rs`), so they are read afterwards, while writes go on, keeping only
+//! what is at or below the cut's heads; the pause is a copy of the small tables, not of the
+//! messages.
+//!
+//! Two things may change under that scan, and both only remove: retention drops a
+//! conversation's oldest events (the backup then starts a little later, still gap-free up to
+//! its head), and a delete for everyone erases texts (a message deleted while the backup is
+//! written is in it without its text: an erased text never comes back from a backup).
+//!
+//! Texts are written inline in their events (the backup does not depend on the text log's
+//! offsets); a restore moves them into the new store's text log.
 //!
 //! A restored store gets a new epoch: it may lack what clients saw after the backup, so their
 //! cursors must not be trusted against it (they get `CursorReset`).
@@ -33,7 +41,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::backend::{self, Backend, BackendKind, Order};
-use super::{decode, keys, StoreError, WriteBatch, SCHEMA_VERSION};
+use super::texts::{TextLog, TextRef};
+use super::{decode, keys, StoreError, StoredEvent, WriteBatch, READABLE_SCHEMAS, SCHEMA_VERSION};
 
 const MAGIC: &[u8; 8] = b"QUIPBAK\x01";
 const RECORD: u8 = 0x01;
@@ -78,8 +87,12 @@ impl Cut {
         let mut records = Vec::new();
         let before: &[u8] = &[keys::CONVSEQ_EVENT];
         let after: &[u8] = &[keys::CONV_STATE];
+        let texts: &[u8] = &[keys::CONVSEQ_TEXT];
+        let past_texts: &[u8] = &[keys::CONVSEQ_TEXT + 1];
         let mut copy = |key: &[u8], value: &[u8]| {
-            records.push((key.to_vec(), value.to_vec()));
+            if key != keys::META_TEXT_END {
+                records.push((key.to_vec(), value.to_vec()));
+            }
             ControlFlow::Continue(())
         };
         let all = usize::MAX;
@@ -90,7 +103,13 @@ impl Cut {
             &mut copy,
         )?;
         backend.scan(
-            (Bound::Included(after), Bound::Unbounded),
+            (Bound::Included(after), Bound::Excluded(texts)),
+            Order::Ascending,
+            all,
+            &mut copy,
+        )?;
+        backend.scan(
+            (Bound::Included(past_texts), Bound::Unbounded),
             Order::Ascending,
             all,
             &mut copy,
@@ -121,15 +140,22 @@ pub struct BackupSummary {
 #[derive(Debug)]
 pub struct Snapshot {
     backend: Arc<dyn Backend>,
+    texts: Arc<TextLog>,
     epoch: Epoch,
     cut: Cut,
     taken_at_ms: u64,
 }
 
 impl Snapshot {
-    pub(super) fn new(backend: Arc<dyn Backend>, epoch: Epoch, cut: Cut) -> Snapshot {
+    pub(super) fn new(
+        backend: Arc<dyn Backend>,
+        texts: Arc<TextLog>,
+        epoch: Epoch,
+        cut: Cut,
+    ) -> Snapshot {
         Snapshot {
             backend,
+            texts,
             epoch,
             cut,
             taken_at_ms: crate::conversation::now_ms(),
@@ -178,14 +204,20 @@ impl Snapshot {
                 (Bound::Included(&first), Bound::Included(&last)),
                 Order::Ascending,
                 usize::MAX,
-                &mut |key, value| match put(&mut out, key, value) {
-                    Ok(()) => {
-                        events += 1;
-                        ControlFlow::Continue(())
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        ControlFlow::Break(())
+                &mut |key, value| {
+                    let written = self
+                        .with_text(key, value)
+                        .map_err(BackupError::from)
+                        .and_then(|value| put(&mut out, key, &value));
+                    match written {
+                        Ok(()) => {
+                            events += 1;
+                            ControlFlow::Continue(())
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            ControlFlow::Break(())
+                        }
                     }
                 },
             )?;
@@ -233,6 +265,26 @@ impl Snapshot {
             conversations: self.cut.heads.len() as u64,
             events,
         })
+    }
+}
+
+impl Snapshot {
+    /// An event record with its text inline, read from the text log (empty if erased).
+    fn with_text(&self, key: &[u8], value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut event: StoredEvent = decode(value)?;
+        if !event.body.text().is_some_and(str::is_empty) {
+            return Ok(value.to_vec());
+        }
+        let Some((conv, seq)) = keys::conv_seq_parts(key) else {
+            return Err(StoreError::Corrupt("event key".into()));
+        };
+        if let Some(text) = self.backend.get(&keys::text(conv, seq))? {
+            let text = self.texts.read(decode::<TextRef>(&text)?)?;
+            if let Some(slot) = event.body.text_mut() {
+                *slot = text;
+            }
+        }
+        postcard::to_stdvec(&event).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 }
 
@@ -315,9 +367,9 @@ fn read_backup(
     }
     let header: Header = postcard::from_bytes(&input.field()?)
         .map_err(|e| BackupError::Format(format!("header: {e}")))?;
-    if header.schema != SCHEMA_VERSION {
+    if !READABLE_SCHEMAS.contains(&header.schema) {
         return Err(BackupError::Format(format!(
-            "store schema {} (this quipd reads {SCHEMA_VERSION})",
+            "store schema {} (this quipd reads {READABLE_SCHEMAS:?})",
             header.schema
         )));
     }
@@ -386,27 +438,46 @@ pub fn restore(
 
     let opened = backend::open(store_dir, kind, 16 * 1024 * 1024, Arc::default())?;
     let engine = opened.backend;
+    let texts = TextLog::open(store_dir, 0)?;
     let mut batch = WriteBatch::new();
     let mut records = 0u64;
     let mut events = 0u64;
+    // Texts are appended to the log and made durable before the engine batch that points at them.
+    let flush = |batch: &mut WriteBatch| -> Result<(), StoreError> {
+        texts.sync()?;
+        batch.put_raw(keys::META_TEXT_END, &texts.end().to_be_bytes());
+        engine.apply_durably(&mut std::mem::take(batch).iter())
+    };
     let header = read_backup(backup, |key, value| {
-        if key == keys::META_EPOCH {
+        if key == keys::META_EPOCH || key == keys::META_TEXT_END {
             return Ok(());
         }
-        if key.first() == Some(&keys::CONVSEQ_EVENT) {
-            events += 1;
-        }
         records += 1;
-        batch.put_raw(&key, &value);
-        if batch.len() == RESTORE_BATCH {
-            engine.apply_durably(&mut std::mem::take(&mut batch).iter())?;
+        match keys::conv_seq_parts(&key).filter(|_| key.first() == Some(&keys::CONVSEQ_EVENT)) {
+            Some((conv, seq)) => {
+                events += 1;
+                let mut event: StoredEvent = decode(&value)?;
+                match event.body.text_mut().filter(|t| !t.is_empty()) {
+                    Some(text) => {
+                        let at = texts.append(text.as_bytes())?;
+                        text.clear();
+                        batch.put(&key, &event);
+                        batch.put(&keys::text(conv, seq), &at);
+                    }
+                    None => batch.put_raw(&key, &value),
+                }
+            }
+            None => batch.put_raw(&key, &value),
+        }
+        if batch.len() >= RESTORE_BATCH {
+            flush(&mut batch)?;
         }
         Ok(())
     })?;
     let epoch = Epoch(rand::random());
     batch.put_raw(keys::META_EPOCH, &epoch.0);
     batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
-    engine.apply_durably(&mut batch.iter())?;
+    flush(&mut batch)?;
     engine.close()?;
     Ok(RestoreSummary {
         backup_epoch: Epoch(header.epoch),

@@ -12,10 +12,18 @@
 //! | `userconv_member`    | `0x04` len:u8 user conv:u64                      | empty                |
 //! | `user_record`        | `0x05` user                                      | `UserRecord`         |
 //! | `tokenhash_user`     | `0x06` sha256(token):[32]                        | `TokenRecord`        |
+//! | `convuser_receipt`   | `0x10` conv:u64 len:u8 user                      | `ReceiptRecord`      |
+//! | `convseq_state`      | `0x11` conv:u64 seq:u64                          | `MessageRecord`      |
+//! | `convseq_text`       | `0x12` conv:u64 seq:u64                          | `TextRef`            |
 //!
-//! `convseq_event` and `convmsgid_seq` are append-only: a record there is never overwritten or
-//! removed. Backups rely on it (`backup.rs`); a feature that deletes events (retention) must
-//! change how backups cut the store.
+//! Texts (of messages, replies and edits) are not in the engine: `convseq_event` holds the event
+//! with an empty text, and `convseq_text` where its bytes are in the text log (`texts.rs`), the
+//! one file the store can really erase bytes from (a delete for everyone, retention). Events
+//! written before schema 2 keep their text inline.
+//!
+//! `convseq_event` is append-only but for retention, which removes a conversation's oldest
+//! events, always below its newest; `convmsgid_seq` is append-only (ids outlive their pruned
+//! messages, so a late retry is still recognised). Backups rely on both (`backup.rs`).
 
 use quip_protocol::{ClientMessageId, ConversationId, Seq, UserName};
 
@@ -25,16 +33,57 @@ pub const CONV_STATE: u8 = 0x03;
 pub const USERCONV_MEMBER: u8 = 0x04;
 pub const USER_RECORD: u8 = 0x05;
 pub const TOKENHASH_USER: u8 = 0x06;
+pub const CONVUSER_RECEIPT: u8 = 0x10;
+pub const CONVSEQ_STATE: u8 = 0x11;
+pub const CONVSEQ_TEXT: u8 = 0x12;
 
 pub const META_EPOCH: &[u8] = b"\x00epoch";
 pub const META_SCHEMA: &[u8] = b"\x00schema";
 pub const META_RESET_KEY: &[u8] = b"\x00reset_key";
+/// The text log's committed length, u64 big-endian; bytes past it are from a crashed commit.
+pub const META_TEXT_END: &[u8] = b"\x00text_end";
 
 pub fn event(conv: ConversationId, seq: Seq) -> [u8; 17] {
+    conv_seq(CONVSEQ_EVENT, conv, seq)
+}
+
+/// A `table conv:u64 seq:u64` key.
+pub fn conv_seq(table: u8, conv: ConversationId, seq: Seq) -> [u8; 17] {
     let mut key = [0u8; 17];
-    key[0] = CONVSEQ_EVENT;
+    key[0] = table;
     key[1..9].copy_from_slice(&conv.0.to_be_bytes());
     key[9..].copy_from_slice(&seq.0.to_be_bytes());
+    key
+}
+
+pub fn message_state(conv: ConversationId, seq: Seq) -> [u8; 17] {
+    conv_seq(CONVSEQ_STATE, conv, seq)
+}
+
+pub fn text(conv: ConversationId, seq: Seq) -> [u8; 17] {
+    conv_seq(CONVSEQ_TEXT, conv, seq)
+}
+
+/// The conversation and seq of a `conv_seq` key.
+pub fn conv_seq_parts(key: &[u8]) -> Option<(ConversationId, Seq)> {
+    let conv: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    let seq = event_seq(key)?;
+    Some((ConversationId(u64::from_be_bytes(conv)), seq))
+}
+
+/// The prefix of a conversation's receipts.
+pub fn receipt_prefix(conv: ConversationId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = CONVUSER_RECEIPT;
+    key[1..].copy_from_slice(&conv.0.to_be_bytes());
+    key
+}
+
+pub fn receipt(conv: ConversationId, user: &UserName) -> Vec<u8> {
+    let name = user.as_str().as_bytes();
+    let mut key = receipt_prefix(conv).to_vec();
+    key.push(name.len() as u8);
+    key.extend_from_slice(name);
     key
 }
 

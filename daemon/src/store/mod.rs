@@ -11,9 +11,10 @@ pub mod backup;
 mod fjall_backend;
 mod keys;
 mod sled_backend;
+mod texts;
 mod writer;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Bound, ControlFlow, Range};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,10 +26,15 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use backend::{detect as detect_backend, BackendKind};
 use backend::{Backend, Order};
+use texts::{TextLog, TextRef};
 pub use writer::WriterStats;
 
 /// Version of the on-disk layout in `keys.rs`; a store with another version is refused.
-const SCHEMA_VERSION: u32 = 1;
+/// Version 2 keeps texts in the text log; a version 1 store is read as it is (its texts are
+/// inline) and marked version 2 when opened, since a version 1 daemon could not read it after.
+const SCHEMA_VERSION: u32 = 2;
+/// The layouts this version reads.
+const READABLE_SCHEMAS: [u32; 2] = [1, 2];
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -83,6 +89,33 @@ pub struct ConversationRecord {
     pub created_at_ms: u64,
 }
 
+/// A member's receipt cursors in one conversation (`convuser_receipt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    pub delivered: Seq,
+    pub read: Seq,
+}
+
+/// What changed a message after it was sent (`convseq_state`): written in the same atomic batch
+/// as the event that changed it. A message never changed has none. It holds no text: the
+/// current text is that of the latest edit event.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// Seqs of the `Edited` events, oldest first.
+    pub edits: Vec<Seq>,
+    /// Seq of the `Deleted` event.
+    pub deleted: Option<Seq>,
+    /// Who reacted with which emoji.
+    pub reactions: BTreeMap<String, BTreeSet<UserName>>,
+}
+
+impl MessageRecord {
+    /// Reactions counted as (user, emoji) pairs.
+    pub fn reaction_count(&self) -> usize {
+        self.reactions.values().map(BTreeSet::len).sum()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
     pub created_at_ms: u64,
@@ -104,6 +137,21 @@ pub struct TokenRecord {
 pub struct WriteBatch {
     data: Vec<u8>,
     ops: Vec<(Range<usize>, Option<Range<usize>>)>,
+    /// Text log work, done by the writer before the engine ops (see `texts.rs`).
+    texts: Vec<TextOp>,
+}
+
+/// A write to the text log.
+#[derive(Debug, Clone)]
+enum TextOp {
+    /// Append the bytes at `data` as the text of an event.
+    Put {
+        conv: ConversationId,
+        seq: Seq,
+        data: Range<usize>,
+    },
+    /// Erase the text of an event, wherever it is.
+    Erase { conv: ConversationId, seq: Seq },
 }
 
 impl WriteBatch {
@@ -112,7 +160,7 @@ impl WriteBatch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.texts.is_empty()
     }
 
     /// Number of writes (puts and removes).
@@ -135,6 +183,15 @@ impl WriteBatch {
                 .into_iter()
                 .map(|(key, value)| (shift(key), value.map(shift))),
         );
+        self.texts
+            .extend(other.texts.into_iter().map(|op| match op {
+                TextOp::Put { conv, seq, data } => TextOp::Put {
+                    conv,
+                    seq,
+                    data: shift(data),
+                },
+                erase => erase,
+            }));
     }
 
     /// The writes, in order.
@@ -172,8 +229,52 @@ impl WriteBatch {
         self.ops.push((key, None));
     }
 
+    /// Appends an event. Its text (if any) goes to the text log, the rest to the engine.
     pub fn append_event(&mut self, conv: ConversationId, seq: Seq, event: &StoredEvent) {
-        self.put(&keys::event(conv, seq), event);
+        match event.body.text() {
+            Some(text) if !text.is_empty() => {
+                let data = self.push_key(text.as_bytes());
+                self.texts.push(TextOp::Put { conv, seq, data });
+                let mut without = event.clone();
+                if let Some(text) = without.body.text_mut() {
+                    text.clear();
+                }
+                self.put(&keys::event(conv, seq), &without);
+            }
+            _ => self.put(&keys::event(conv, seq), event),
+        }
+    }
+
+    /// Removes the text of the event at `seq` from the store, for good: from the text log (or,
+    /// for an event older than the log, from its record).
+    pub fn erase_text(&mut self, conv: ConversationId, seq: Seq) {
+        self.texts.push(TextOp::Erase { conv, seq });
+    }
+
+    /// Removes an event that retention dropped, with its text and its message record.
+    pub fn prune_event(&mut self, conv: ConversationId, seq: Seq) {
+        self.erase_text(conv, seq);
+        self.remove(&keys::event(conv, seq));
+        self.remove(&keys::message_state(conv, seq));
+    }
+
+    /// The seqs whose texts this batch erases, in order (for tests of the rules that erase).
+    pub fn erased_texts(&self) -> Vec<Seq> {
+        self.texts
+            .iter()
+            .filter_map(|op| match op {
+                TextOp::Erase { seq, .. } => Some(*seq),
+                TextOp::Put { .. } => None,
+            })
+            .collect()
+    }
+
+    pub fn put_receipt(&mut self, conv: ConversationId, user: &UserName, record: &ReceiptRecord) {
+        self.put(&keys::receipt(conv, user), record);
+    }
+
+    pub fn put_message_record(&mut self, conv: ConversationId, seq: Seq, record: &MessageRecord) {
+        self.put(&keys::message_state(conv, seq), record);
     }
 
     /// Remembers which seq a sender's message id was stored at, for idempotent retries.
@@ -239,6 +340,7 @@ pub struct Store {
     kind: BackendKind,
     path: PathBuf,
     epoch: Epoch,
+    texts: Arc<TextLog>,
     commits: mpsc::UnboundedSender<writer::Job>,
     stats: Arc<WriterStats>,
 }
@@ -271,22 +373,43 @@ impl Store {
                 epoch
             }
         };
-        match backend.get(keys::META_SCHEMA)? {
-            Some(v) if v == SCHEMA_VERSION.to_be_bytes() => {}
+        let schema = backend
+            .get(keys::META_SCHEMA)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map(u32::from_be_bytes);
+        match schema {
+            Some(SCHEMA_VERSION) => {}
+            Some(old) if READABLE_SCHEMAS.contains(&old) => {
+                let mut batch = WriteBatch::new();
+                batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+                backend.apply_durably(&mut batch.iter())?;
+                tracing::info!(from = old, to = SCHEMA_VERSION, "store schema upgraded");
+            }
             other => {
                 return Err(StoreError::Corrupt(format!(
-                    "store schema {other:?} is not version {SCHEMA_VERSION}"
+                    "store schema {other:?} is not one this version reads ({READABLE_SCHEMAS:?})"
                 )))
             }
         }
+        let committed = match backend.get(keys::META_TEXT_END)? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("text log end is not 8 bytes".into()))?,
+            ),
+            None => 0,
+        };
+        let texts = Arc::new(TextLog::open(&config.path, committed)?);
 
         let (commits, rx) = mpsc::unbounded_channel();
-        writer::spawn(backend.clone(), rx, stats.clone())?;
+        writer::spawn(backend.clone(), texts.clone(), rx, stats.clone())?;
         Ok(Store {
             backend,
             kind: opened.kind,
             path: config.path.clone(),
             epoch,
+            texts,
             commits,
             stats,
         })
@@ -372,7 +495,12 @@ impl Store {
             .send(writer::Job::Cut(reply))
             .map_err(|_| StoreError::Closed)?;
         let cut = cut.await.map_err(|_| StoreError::Closed)??;
-        Ok(backup::Snapshot::new(self.backend.clone(), self.epoch, cut))
+        Ok(backup::Snapshot::new(
+            self.backend.clone(),
+            self.texts.clone(),
+            self.epoch,
+            cut,
+        ))
     }
 
     pub fn conversation(
@@ -412,6 +540,19 @@ impl Store {
         head(&*self.backend, conv)
     }
 
+    /// The seq of the conversation's oldest stored event (retention removes older ones),
+    /// `Seq::ZERO` when it has none.
+    pub fn oldest(&self, conv: ConversationId) -> Result<Seq, StoreError> {
+        let prefix = &keys::event(conv, Seq::ZERO)[..9];
+        let mut first = Seq::ZERO;
+        self.backend
+            .scan_prefix(prefix, Order::Ascending, 1, &mut |key, _| {
+                first = keys::event_seq(key).unwrap_or(Seq::ZERO);
+                ControlFlow::Break(())
+            })?;
+        Ok(first)
+    }
+
     /// Up to `limit` events with seq > `after`, ascending.
     pub fn events_after(
         &self,
@@ -420,16 +561,38 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let mut events = Vec::with_capacity(limit.min(1024));
-        self.visit_events_after(conv, after, limit, &mut |event| {
+        self.visit_stored_after(conv, after, limit, &mut |event| {
             events.push(event);
             ControlFlow::Continue(())
         })?;
+        self.fill_texts(conv, &mut events)?;
         Ok(events)
     }
 
     /// Hands up to `limit` events with seq > `after`, ascending, to `visit`, without collecting
     /// them first.
     pub fn visit_events_after(
+        &self,
+        conv: ConversationId,
+        after: Seq,
+        limit: usize,
+        visit: &mut dyn FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let mut failed = None;
+        self.visit_stored_after(conv, after, limit, &mut |mut event| match self
+            .fill_texts(conv, std::slice::from_mut(&mut event))
+        {
+            Ok(()) => visit(event),
+            Err(e) => {
+                failed = Some(e);
+                ControlFlow::Break(())
+            }
+        })?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Events as the engine holds them: texts of schema 2 not yet read from the text log.
+    fn visit_stored_after(
         &self,
         conv: ConversationId,
         after: Seq,
@@ -484,12 +647,158 @@ impl Store {
             return Err(e);
         }
         events.reverse();
+        self.fill_texts(conv, &mut events)?;
         Ok(events)
     }
 
     pub fn event(&self, conv: ConversationId, seq: Seq) -> Result<Option<Event>, StoreError> {
+        let Some(mut event) = self.event_without_text(conv, seq)? else {
+            return Ok(None);
+        };
+        self.fill_texts(conv, std::slice::from_mut(&mut event))?;
+        Ok(Some(event))
+    }
+
+    /// The event with its text left empty (unless inline): for the sequencer's rules, which
+    /// need who wrote what kind of event, not its text.
+    pub fn event_without_text(
+        &self,
+        conv: ConversationId,
+        seq: Seq,
+    ) -> Result<Option<Event>, StoreError> {
         let stored: Option<StoredEvent> = self.get(&keys::event(conv, seq))?;
         Ok(stored.map(|e| e.into_event(seq)))
+    }
+
+    /// Reads the texts of `events` (ascending, of `conv`) from the text log. A text that was
+    /// erased stays empty.
+    fn fill_texts(&self, conv: ConversationId, events: &mut [Event]) -> Result<(), StoreError> {
+        let needs = |e: &Event| e.body.text().is_some_and(str::is_empty);
+        let (Some(first), Some(last)) = (
+            events.iter().find(|e| needs(e)).map(|e| e.seq),
+            events.iter().rev().find(|e| needs(e)).map(|e| e.seq),
+        ) else {
+            return Ok(());
+        };
+        let mut refs = BTreeMap::new();
+        let mut failed = None;
+        let (start, end) = (keys::text(conv, first), keys::text(conv, last));
+        self.backend.scan(
+            (Bound::Included(&start), Bound::Included(&end)),
+            Order::Ascending,
+            usize::MAX,
+            &mut |key, value| match (keys::event_seq(key), decode::<TextRef>(value)) {
+                (Some(seq), Ok(text)) => {
+                    refs.insert(seq, text);
+                    ControlFlow::Continue(())
+                }
+                (_, Err(e)) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+                (None, _) => ControlFlow::Continue(()),
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for event in events.iter_mut().filter(|e| needs(e)) {
+            if let Some(text) = refs.get(&event.seq) {
+                let read = self.texts.read(*text)?;
+                if let Some(slot) = event.body.text_mut() {
+                    *slot = read;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every member's receipt cursors in `conv`.
+    pub fn receipts(
+        &self,
+        conv: ConversationId,
+    ) -> Result<Vec<(UserName, ReceiptRecord)>, StoreError> {
+        let prefix = keys::receipt_prefix(conv);
+        let mut out = Vec::new();
+        let mut failed = None;
+        self.backend
+            .scan_prefix(&prefix, Order::Ascending, usize::MAX, &mut |key, value| {
+                let name = key
+                    .get(prefix.len() + 1..)
+                    .and_then(|n| String::from_utf8(n.to_vec()).ok());
+                match (name, decode::<ReceiptRecord>(value)) {
+                    (Some(name), Ok(record)) => {
+                        out.push((UserName(name), record));
+                        ControlFlow::Continue(())
+                    }
+                    (_, Err(e)) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                    (None, _) => {
+                        failed = Some(StoreError::Corrupt("receipt key".into()));
+                        ControlFlow::Break(())
+                    }
+                }
+            })?;
+        failed.map_or(Ok(out), Err)
+    }
+
+    /// What changed the message at `seq`, if anything did.
+    pub fn message_record(
+        &self,
+        conv: ConversationId,
+        seq: Seq,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        self.get(&keys::message_state(conv, seq))
+    }
+
+    /// The message records of seqs `first..=last`.
+    pub fn message_records(
+        &self,
+        conv: ConversationId,
+        first: Seq,
+        last: Seq,
+    ) -> Result<BTreeMap<Seq, MessageRecord>, StoreError> {
+        let (start, end) = (
+            keys::message_state(conv, first),
+            keys::message_state(conv, last),
+        );
+        let mut out = BTreeMap::new();
+        let mut failed = None;
+        self.backend.scan(
+            (Bound::Included(&start), Bound::Included(&end)),
+            Order::Ascending,
+            usize::MAX,
+            &mut |key, value| match (keys::event_seq(key), decode::<MessageRecord>(value)) {
+                (Some(seq), Ok(record)) => {
+                    out.insert(seq, record);
+                    ControlFlow::Continue(())
+                }
+                (_, Err(e)) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+                (None, _) => ControlFlow::Continue(()),
+            },
+        )?;
+        failed.map_or(Ok(out), Err)
+    }
+
+    /// Seqs and server times of up to `limit` events after `after`, without their texts: what
+    /// retention by age needs.
+    pub fn event_times_after(
+        &self,
+        conv: ConversationId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<(Seq, u64)>, StoreError> {
+        let mut out = Vec::new();
+        self.visit_stored_after(conv, after, limit, &mut |event| {
+            out.push((event.seq, event.at_ms));
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
     }
 
     /// The seq a sender's message id was stored at, if it was.

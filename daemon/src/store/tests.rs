@@ -36,6 +36,7 @@ on_every_backend!(
     pages_stop_at_conversation_bounds_in_both_directions,
     a_store_is_refused_by_the_other_engine,
     empty_commits_and_syncs_resolve,
+    erased_and_pruned_texts_leave_the_disk_and_backups,
 );
 
 fn user(name: &str) -> UserName {
@@ -387,4 +388,71 @@ fn batches_keep_their_writes_in_order_when_merged() {
         ]
     );
     assert_eq!(a.len(), 3);
+}
+
+async fn erased_and_pruned_texts_leave_the_disk_and_backups(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("a"), kind);
+    let conv = ConversationId(5);
+    let mut batch = WriteBatch::new();
+    batch.put_conversation(
+        conv,
+        &ConversationRecord {
+            title: "t".into(),
+            creator: user("alice"),
+            members: [user("alice")].into(),
+            created_at_ms: 0,
+        },
+    );
+    for n in 1..=6 {
+        batch.append_event(conv, Seq(n), &message(n));
+    }
+    store.commit(batch).await.unwrap();
+    let files = |dir: &Path, needle: &str| -> bool {
+        let mut found = false;
+        for entry in walk(dir) {
+            let bytes = std::fs::read(entry).unwrap_or_default();
+            found |= bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+        }
+        found
+    };
+    assert!(files(&dir.path().join("a"), "message 4"));
+    let mut batch = WriteBatch::new();
+    batch.erase_text(conv, Seq(4));
+    batch.prune_event(conv, Seq(1));
+    batch.prune_event(conv, Seq(2));
+    store.commit(batch).await.unwrap();
+    assert!(!files(&dir.path().join("a"), "message 4"), "erased");
+    assert!(!files(&dir.path().join("a"), "message 2"), "pruned");
+    assert_eq!(store.oldest(conv).unwrap(), Seq(3));
+    let events = store.events_after(conv, Seq::ZERO, 100).unwrap();
+    let texts: Vec<&str> = events.iter().filter_map(|e| e.body.text()).collect();
+    assert_eq!(texts, ["message 3", "", "message 5", "message 6"]);
+
+    let file = dir.path().join("backup.qbk");
+    backup::write_file(&store.snapshot().await.unwrap(), &file).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let holds = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(holds("message 5") && !holds("message 4") && !holds("message 2"));
+    let restored_dir = dir.path().join("b");
+    backup::restore(&file, &restored_dir, kind).unwrap();
+    let restored = open(&restored_dir, kind);
+    assert_eq!(restored.events_after(conv, Seq::ZERO, 100).unwrap(), events);
+    assert_eq!(restored.oldest(conv).unwrap(), Seq(3));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
 }

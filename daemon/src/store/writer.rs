@@ -10,13 +10,16 @@
 //! The same thread takes backup cuts ([`super::backup`]): between two group commits nothing
 //! else writes, so what it reads there is one consistent state of the store.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use quip_protocol::{ConversationId, Seq};
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::Backend;
-use super::{StoreError, WriteBatch};
+use super::texts::{TextLog, TextRef};
+use super::{decode, keys, StoreError, StoredEvent, TextOp, WriteBatch};
 /// Most commits folded into one flush; bounds the latency of the first commit of a batch.
 const MAX_COMMITS_PER_FLUSH: usize = 4096;
 
@@ -47,11 +50,13 @@ pub struct WriterStats {
 
 pub(super) fn spawn(
     backend: Arc<dyn Backend>,
+    texts: Arc<TextLog>,
     commits: mpsc::UnboundedReceiver<Job>,
     stats: Arc<WriterStats>,
 ) -> Result<(), StoreError> {
     let writer = Writer {
         backend,
+        texts,
         commits,
         stats,
         poisoned: false,
@@ -65,6 +70,7 @@ pub(super) fn spawn(
 
 struct Writer {
     backend: Arc<dyn Backend>,
+    texts: Arc<TextLog>,
     commits: mpsc::UnboundedReceiver<Job>,
     stats: Arc<WriterStats>,
     /// Set after a failed write: what the engine holds in memory may differ from the disk, so
@@ -119,8 +125,15 @@ impl Writer {
             return Err(StoreError::Poisoned);
         }
         let started = std::time::Instant::now();
-        let mut ops = commits.iter().flat_map(|commit| commit.batch.iter());
+        let (texts, erased) = self.write_texts(commits)?;
+        let mut ops = commits
+            .iter()
+            .flat_map(|commit| commit.batch.iter())
+            .chain(texts.iter());
         self.backend.apply_durably(&mut ops)?;
+        for text in erased {
+            self.texts.release(text);
+        }
 
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -134,6 +147,73 @@ impl Writer {
         metrics::histogram!(crate::metrics::STORE_FLUSH_SECONDS)
             .record(started.elapsed().as_secs_f64());
         tracing::trace!(commits = commits.len(), elapsed = ?started.elapsed(), "group commit");
+        Ok(())
+    }
+
+    /// Does the text log's part of a group commit, durably, before the engine's: appends the
+    /// new texts, erases the removed ones, fdatasyncs. Returns the engine writes that go with
+    /// it (where each new text is, which refs are gone, the log's new end) and what was erased.
+    fn write_texts(&self, commits: &[Commit]) -> Result<(WriteBatch, Vec<TextRef>), StoreError> {
+        let mut engine = WriteBatch::new();
+        let mut placed: HashMap<(ConversationId, Seq), TextRef> = HashMap::new();
+        let mut erased = Vec::new();
+        let mut appended = false;
+        for commit in commits {
+            for op in &commit.batch.texts {
+                match op {
+                    TextOp::Put { conv, seq, data } => {
+                        let text = self.texts.append(&commit.batch.data[data.clone()])?;
+                        placed.insert((*conv, *seq), text);
+                        engine.put(&keys::text(*conv, *seq), &text);
+                        appended = true;
+                    }
+                    TextOp::Erase { conv, seq } => {
+                        let key = keys::text(*conv, *seq);
+                        let text = match placed.remove(&(*conv, *seq)) {
+                            Some(text) => Some(text),
+                            None => self
+                                .backend
+                                .get(&key)?
+                                .map(|bytes| decode::<TextRef>(&bytes))
+                                .transpose()?,
+                        };
+                        match text {
+                            Some(text) => {
+                                self.texts.erase(text)?;
+                                erased.push(text);
+                                engine.remove(&key);
+                            }
+                            None => self.erase_inline(*conv, *seq, &mut engine)?,
+                        }
+                    }
+                }
+            }
+        }
+        if appended || !erased.is_empty() {
+            self.texts.sync()?;
+        }
+        if appended {
+            engine.put_raw(keys::META_TEXT_END, &self.texts.end().to_be_bytes());
+        }
+        Ok((engine, erased))
+    }
+
+    /// An event stored before the text log keeps its text in its record: rewrite it without.
+    fn erase_inline(
+        &self,
+        conv: ConversationId,
+        seq: Seq,
+        engine: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        let key = keys::event(conv, seq);
+        let Some(bytes) = self.backend.get(&key)? else {
+            return Ok(());
+        };
+        let mut event: StoredEvent = decode(&bytes)?;
+        if let Some(text) = event.body.text_mut().filter(|t| !t.is_empty()) {
+            text.clear();
+            engine.put(&key, &event);
+        }
         Ok(())
     }
 }

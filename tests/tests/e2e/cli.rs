@@ -183,3 +183,157 @@ async fn cli_binaries_non_english_corpus() {
     assert_consecutive("seqs of quip history", history.iter().map(|e| e.seq), 1);
     assert_same_messages("quip history", &sent, &json_messages(&history));
 }
+
+/// Two terminals with the real binaries: alice follows with `quip tail --receipts --json` while
+/// bob reads, reacts and replies and alice edits and deletes; the ticks move in alice's tail,
+/// `quip conv list` counts unread, `quip history --json` shows each message as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_ticks_edits_reactions_replies_and_unread_counts() {
+    let daemon = DaemonProcess::start().await;
+    let alice = daemon.quip(&daemon.add_user("alice").await).await;
+    let bob = alice.with_token(Some(&daemon.add_user("bob").await));
+    let created = alice.run(&["conv", "create", "--member", "bob"]).await;
+    created.expect_success("quip conv create");
+    let conv = created.stdout.trim().to_owned();
+    let seq_of = |out: &quip_tests::CliOutput, what: &str| -> u64 {
+        out.expect_success(what);
+        out.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{what} printed {:?}, not a seq", out.stdout))
+    };
+    // Terminal 1: alice follows (6 events: Created, 2 messages, edit, reaction, reply).
+    let tail = alice.spawn(&[
+        "tail",
+        &conv,
+        "--after",
+        "0",
+        "--receipts",
+        "--json",
+        "--count",
+        "6",
+    ]);
+
+    let first = seq_of(
+        &alice.run(&["send", &conv, "noodles at noon?"]).await,
+        "send",
+    );
+    let second = seq_of(&alice.run(&["send", &conv, "or sushi"]).await, "send");
+    let list = bob.run(&["conv", "list"]).await;
+    list.expect_success("bob's conv list");
+    assert!(
+        list.stdout.contains("\tunread=3\t"),
+        "bob has Created and two messages unread: {:?}",
+        list.stdout
+    );
+    // Terminal 2: bob reads up to the first message.
+    let read = bob.run(&["read", &conv, &first.to_string()]).await;
+    read.expect_success("quip read");
+    assert_eq!(
+        read.stdout.trim(),
+        format!("read={first} delivered={first}")
+    );
+    let list = bob.run(&["conv", "list"]).await;
+    assert!(list.stdout.contains("\tunread=1\t"), "{:?}", list.stdout);
+
+    let edit = seq_of(
+        &alice
+            .run(&["edit", &conv, &first.to_string(), "noodles at one?"])
+            .await,
+        "edit",
+    );
+    let react = seq_of(
+        &bob.run(&["react", &conv, &first.to_string(), "🍜"]).await,
+        "react",
+    );
+    let reply = seq_of(
+        &bob.run(&["send", &conv, "--reply-to", &first.to_string(), "one works"])
+            .await,
+        "reply",
+    );
+    let refused = bob
+        .run(&["edit", &conv, &first.to_string(), "mine now"])
+        .await;
+    assert!(!refused.status.success(), "bob edited alice's message");
+    assert!(refused.stderr.contains("FORBIDDEN"), "{}", refused.stderr);
+
+    let tailed = Quip::finish(tail, "alice's tail").await;
+    tailed.expect_success("alice's tail");
+    let lines: Vec<serde_json::Value> = tailed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let events: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("seq").is_some()).collect();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "created",
+            "message",
+            "message",
+            "edited",
+            "reaction_added",
+            "reply"
+        ],
+        "{}",
+        tailed.stdout
+    );
+    assert_eq!(events[3]["target"].as_u64(), Some(first));
+    assert_eq!(events[3]["text"], "noodles at one?");
+    assert_eq!(events[4]["emoji"], "🍜");
+    assert_eq!(events[5]["reply_to"].as_u64(), Some(first));
+    assert_eq!(
+        events[1]["origin"], "other_device",
+        "alice's send from another process"
+    );
+    assert_eq!(events[4]["origin"], "other");
+    // The ticks: bob's read of the first message showed up in alice's tail before the edit.
+    let bob_read = lines
+        .iter()
+        .position(|l| {
+            l["event"] == "receipt" && l["user"] == "bob" && l["read"].as_u64() == Some(first)
+        })
+        .unwrap_or_else(|| panic!("no receipt of bob's read in {}", tailed.stdout));
+    let edited_at = lines
+        .iter()
+        .position(|l| l["type"] == "edited")
+        .expect("edit line");
+    assert!(bob_read < edited_at, "{}", tailed.stdout);
+
+    // History shows every message as it is now; then alice deletes the second.
+    let deleted = seq_of(
+        &alice.run(&["delete", &conv, &second.to_string()]).await,
+        "delete",
+    );
+    let history = bob.run(&["history", &conv, "--json"]).await;
+    history.expect_success("quip history");
+    let page: Vec<serde_json::Value> = history
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let at = |seq: u64| {
+        page.iter()
+            .find(|l| l["seq"].as_u64() == Some(seq))
+            .unwrap_or_else(|| panic!("seq {seq} is not in {}", history.stdout))
+    };
+    assert_eq!(at(first)["text"], "noodles at one?");
+    assert_eq!(at(first)["edited"].as_u64(), Some(edit));
+    assert_eq!(at(first)["reactions"]["🍜"][0], "bob");
+    assert_eq!(at(second)["deleted"].as_u64(), Some(deleted));
+    assert_eq!(at(second)["text"], "");
+    assert_eq!(at(react)["type"], "reaction_added");
+    assert_eq!(at(reply)["text"], "one works");
+    let text = bob.run(&["history", &conv]).await;
+    assert!(
+        text.stdout.contains("noodles at one? (edited) [🍜 bob]"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains(&format!("{second} alice: (deleted)")),
+        "{}",
+        text.stdout
+    );
+}
