@@ -32,7 +32,7 @@ mod subscription;
 mod typing;
 
 pub use client::{Client, Sent};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, ClientIdentity};
 pub use ephemeral::{EphemeralEvent, EphemeralEvents};
 pub use error::ClientError;
 pub use outbox::OutboxEntry;

@@ -15,7 +15,9 @@ use tracing::Instrument;
 
 use super::sequencer::{apply_membership, Append, Appended, Sequencer, StoredId};
 use super::typing::TypingBoard;
-use super::{store_error, Command, Sent, Subscription, Typing, TypingRelay, View, LIVE_BUFFER};
+use super::{
+    store_error, Command, Memberships, Sent, Subscription, Typing, TypingRelay, View, LIVE_BUFFER,
+};
 use crate::presence::{EphemeralStats, Relay};
 use crate::store::{ConversationRecord, Store, StoreError, WriteBatch};
 
@@ -36,6 +38,7 @@ enum Waiter {
         reply: oneshot::Sender<Result<Sent, ErrorBody>>,
     },
     Member(oneshot::Sender<Result<Seq, ErrorBody>>),
+    Account(oneshot::Sender<Result<Option<Seq>, ErrorBody>>),
 }
 
 impl Waiter {
@@ -51,6 +54,9 @@ impl Waiter {
             Waiter::Member(reply) => {
                 let _ = reply.send(Ok(event.seq));
             }
+            Waiter::Account(reply) => {
+                let _ = reply.send(Ok(Some(event.seq)));
+            }
         }
     }
 
@@ -60,6 +66,9 @@ impl Waiter {
                 let _ = reply.send(Err(error));
             }
             Waiter::Member(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Waiter::Account(reply) => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -89,13 +98,15 @@ struct ConversationActor {
     typing_inbox: mpsc::Receiver<Typing>,
     typing: TypingBoard,
     relay: TypingRelay,
+    /// Every user's count of conversations, shared by all actors.
+    memberships: Arc<Memberships>,
 }
 
 pub(super) fn spawn(
     sequencer: Sequencer,
     store: Store,
     (inbox, typing_inbox): (mpsc::Receiver<Command>, mpsc::Receiver<Typing>),
-    relay: TypingRelay,
+    (relay, memberships): (TypingRelay, Arc<Memberships>),
     first: Option<(Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
 ) {
     let conv = sequencer.conv();
@@ -122,6 +133,7 @@ pub(super) fn spawn(
         typing_inbox,
         typing: TypingBoard::new(relay.interval, Duration::from_millis(limits::TYPING_TTL_MS)),
         relay,
+        memberships,
     };
     if let Some((append, reply)) = first {
         let mut writes = WriteBatch::new();
@@ -224,7 +236,12 @@ impl ConversationActor {
                         return;
                     }
                 };
-                match self.sequencer.add_member(&by, user, exists, now_ms()) {
+                let memberships = &self.memberships;
+                let may_join = |user: &UserName| memberships.try_join(&[user]);
+                match self
+                    .sequencer
+                    .add_member(&by, user, exists, may_join, now_ms())
+                {
                     Ok(append) => self.stage(append, Waiter::Member(reply), writes, events),
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -238,6 +255,7 @@ impl ConversationActor {
                 }
                 match self.sequencer.remove_member(&by, user.clone(), now_ms()) {
                     Ok(append) => {
+                        self.memberships.leave(&user);
                         self.stop_typing(&user);
                         self.stage(append, Waiter::Member(reply), writes, events);
                     }
@@ -256,6 +274,22 @@ impl ConversationActor {
                     Err(ErrorBody::not_found())
                 };
                 let _ = reply.send(answer);
+            }
+            Command::RemoveAccount { user, reply } => {
+                if self.failed {
+                    let _ = reply.send(Err(unavailable()));
+                    return;
+                }
+                match self.sequencer.remove_account(&user, now_ms()) {
+                    Some(append) => {
+                        self.memberships.leave(&user);
+                        self.stop_typing(&user);
+                        self.stage(append, Waiter::Account(reply), writes, events);
+                    }
+                    None => {
+                        let _ = reply.send(Ok(None));
+                    }
+                }
             }
             Command::View { user, reply } => {
                 let answer = if self.visible.members.contains(&user) {
