@@ -8,10 +8,12 @@
 
 mod access;
 mod auth;
+mod authorization;
 mod cli;
 mod corpus;
 mod cursor;
 mod durability;
+mod flood;
 mod idempotency;
 mod limits;
 mod membership;
