@@ -608,6 +608,26 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     println!("limits.auth_timeout = {:?}", config.limits.auth_timeout);
     println!("limits.idle_timeout = {:?}", config.idle_timeout);
     println!("limits.max_frame_len = {}", config.limits.max_frame_len);
+    let limits = &config.limits;
+    println!("limits.max_message_len = {}", limits.max_message_len);
+    println!("limits.max_members = {}", limits.conversations.max_members);
+    println!(
+        "limits.max_conversations_per_user = {}",
+        limits.conversations.max_conversations_per_user
+    );
+    println!(
+        "limits.max_connections_per_user = {}",
+        limits.connected.max_connections_per_user
+    );
+    println!(
+        "limits.sends_per_sec = {} (burst {})",
+        limits.connected.sends_per_sec, limits.connected.sends_burst
+    );
+    println!("limits.retry_threshold = {}", limits.retry_threshold);
+    match config.client_ca_file() {
+        Some(ca) => println!("tls.client_ca = {}", ca.display()),
+        None => println!("tls.client_ca = off (tokens only)"),
+    }
     println!("log.format = {:?}", config.log.format);
     println!("log.filter = {}", config.log.filter);
     match config.metrics_listen {

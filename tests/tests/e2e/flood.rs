@@ -1,7 +1,7 @@
 //! The daemon's memory after 10,000 unauthenticated connection attempts (issue 5): a real
 //! `quipd` with its default settings, QUIC connections that finish the handshake and never
 //! say `Hello`. Ignored by default (it takes about a minute); run it with
-//! `cargo test --release -p quip-tests --test e2e -- --ignored --nocapture flood`.
+//! `cargo test -p quip-tests --test e2e -- --ignored --nocapture flood`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

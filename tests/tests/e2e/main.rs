@@ -12,6 +12,7 @@ mod authorization;
 mod cli;
 mod corpus;
 mod cursor;
+mod devices;
 mod durability;
 mod flood;
 mod idempotency;
