@@ -279,6 +279,81 @@ fn pem_error(path: &Path, source: rustls_pki_types::pem::Error) -> CertError {
     }
 }
 
+/// A client certificate for one device, issued by [`issue_client_certificate`].
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    /// The certificate, PEM; the daemon registers its DER bytes as the device's credential.
+    pub cert_pem: String,
+    pub der: Vec<u8>,
+    /// Its private key, PEM (PKCS#8). Written with mode 0600, never sent anywhere.
+    pub key_pem: String,
+    pub not_after: time::OffsetDateTime,
+}
+
+/// Makes a client certificate for `user`'s device `device`, signed by the CA whose certificate
+/// and key are in `ca_cert` and `ca_key` (PEM files). The subject's common name is
+/// `user/device`, the extended key usage `clientAuth`. The daemon does not trust the name: a
+/// certificate identifies a device only once it is registered (`quipd certs client` does both).
+pub fn issue_client_certificate(
+    ca_cert: &Path,
+    ca_key: &Path,
+    user: &str,
+    device: &str,
+    validity: time::Duration,
+) -> Result<ClientCertificate, CertError> {
+    let ca_pem = fs::read_to_string(ca_cert).map_err(|e| io_error(ca_cert, e))?;
+    let key_pem = fs::read_to_string(ca_key).map_err(|e| io_error(ca_key, e))?;
+    let ca_key = KeyPair::from_pem(&key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let now = time::OffsetDateTime::now_utc();
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&format!("{user}/{device}"));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + validity;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(ClientCertificate {
+        cert_pem: cert.pem(),
+        der: cert.der().to_vec(),
+        key_pem: key.serialize_pem(),
+        not_after: params.not_after,
+    })
+}
+
+/// Writes a client certificate and its key to `dir` as `NAME.pem` and `NAME.key` (mode 0600);
+/// refuses to overwrite either.
+pub fn write_client_certificate(
+    dir: &Path,
+    name: &str,
+    cert: &ClientCertificate,
+) -> Result<(PathBuf, PathBuf), CertError> {
+    fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(CertError::Exists(path.clone()));
+        }
+    }
+    write_file(&key_path, &cert.key_pem, true)?;
+    write_file(&cert_path, &cert.cert_pem, false)?;
+    Ok((cert_path, key_path))
+}
+
+/// A client's certificate chain and key from PEM files, for mutual TLS.
+pub fn load_client_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
+    let identity = ServerIdentity::from_pem_files(cert, key)?;
+    Ok((identity.chain, identity.key))
+}
+
 /// Reads the CA certificates a client should trust from a PEM file.
 pub fn load_ca_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -340,6 +415,27 @@ mod tests {
         let err = create_pki(dir.path(), &settings).unwrap_err();
         assert!(matches!(err, CertError::Exists(_)), "{err}");
         assert!(create_pki(dir.path(), &PkiSettings::new("bad name")).is_err());
+    }
+
+    #[test]
+    fn client_certificates_are_signed_by_the_ca_for_client_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        create_dev_pki(dir.path(), DEV_SERVER_NAMES).unwrap();
+        let cert = issue_client_certificate(
+            &dir.path().join(CA_CERT_FILE),
+            &dir.path().join(CA_KEY_FILE),
+            "alice",
+            "phone",
+            time::Duration::days(30),
+        )
+        .unwrap();
+        let out = dir.path().join("devices");
+        let (cert_path, key_path) = write_client_certificate(&out, "alice-phone", &cert).unwrap();
+        let (chain, _key) = load_client_identity(&cert_path, &key_path).unwrap();
+        assert_eq!(chain[0].as_ref(), cert.der.as_slice());
+        assert!(write_client_certificate(&out, "alice-phone", &cert).is_err());
+        let days = (cert.not_after - time::OffsetDateTime::now_utc()).whole_days();
+        assert!((29..=30).contains(&days), "{days}");
     }
 
     #[test]

@@ -1092,6 +1092,12 @@ async fn supervise(shared: Weak<Shared>, mut conn: quinn::Connection) {
         let Some(strong) = shared.upgrade() else {
             return;
         };
+        // A 2xx close (the credential was revoked, SPEC 8.12) will not get better by
+        // reconnecting.
+        if gives_up(&reason) {
+            strong.give_up(reason);
+            return;
+        }
         let config = strong.config.clone();
         let endpoint = strong.endpoint.clone();
         {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::ClientError;
 
@@ -18,7 +18,10 @@ pub struct ClientConfig {
     /// The certificate authorities that may sign the server's certificate. There is no way to
     /// skip verification.
     pub ca: Vec<CertificateDer<'static>>,
+    /// The device's bearer token; empty when the device is identified by `client_identity`.
     pub token: String,
+    /// A client certificate (mutual TLS) that identifies the device instead of a token.
+    pub client_identity: Option<ClientIdentity>,
     /// Describes the client in the server's logs.
     pub client_name: String,
     /// How long one connection attempt, and a request waiting for a connection, may take.
@@ -47,6 +50,7 @@ impl ClientConfig {
             server_name: None,
             ca,
             token: token.into(),
+            client_identity: None,
             client_name: concat!("quip-client/", env!("CARGO_PKG_VERSION")).into(),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
@@ -76,6 +80,24 @@ impl ClientConfig {
         Ok(Self::new(server, ca, token))
     }
 
+    /// Identifies the device with the client certificate and key in these PEM files (made by
+    /// `quipd certs client`); the token is then sent empty.
+    pub fn with_client_certificate(
+        mut self,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, ClientError> {
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::Config(format!("certificate {}: {e}", cert.display())))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| ClientError::Config(format!("key {}: {e}", key.display())))?;
+        self.client_identity = Some(ClientIdentity { chain, key });
+        self.token = String::new();
+        Ok(self)
+    }
+
     /// The host part of `server`, without brackets.
     pub(crate) fn host(&self) -> &str {
         if let Some(name) = &self.server_name {
@@ -96,11 +118,16 @@ impl ClientConfig {
                 .map_err(|e| ClientError::Config(format!("CA certificate unusable: {e}")))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Config(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut tls = match &self.client_identity {
+            Some(identity) => tls
+                .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                .map_err(|e| ClientError::Config(format!("client certificate unusable: {e}")))?,
+            None => tls.with_no_client_auth(),
+        };
         tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
         let crypto = QuicClientConfig::try_from(tls)
             .map_err(|e| ClientError::Config(format!("TLS config unusable for QUIC: {e}")))?;
@@ -117,6 +144,29 @@ impl ClientConfig {
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
         Ok(config)
+    }
+}
+
+/// A client certificate chain and its private key.
+pub struct ClientIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        ClientIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -38,7 +38,7 @@ mod timeline;
 mod typing;
 
 pub use client::{Client, Page, Sent};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, ClientIdentity};
 pub use ephemeral::{EphemeralEvent, EphemeralEvents};
 pub use error::ClientError;
 pub use outbox::{Action, OutboxEntry};

@@ -1,4 +1,4 @@
-//! Administration: `quipd user ...` and `quipd backup`.
+//! Administration: `quipd user ...`, `quipd token ...`, `quipd certs client` and `quipd backup`.
 //!
 //! The daemon's pid is what a peer of the admin socket sees in its credentials
 //! (`SO_PEERCRED`): tools on the same host (`quip bench`) find the daemon that way.
@@ -21,9 +21,14 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::accounts::Accounts;
+use crate::accounts::{credential_id, Accounts};
+use crate::config::RetentionConfig;
+use crate::connected::{Connected, ConnectedLimits};
+use crate::conversation::{ConversationLimits, Conversations, Services, TypingRelay};
+use crate::presence::{EphemeralLimits, PresenceHandle};
 use crate::server::{admin_socket, store_dir, Shared};
 use crate::store::backup::{self, BackupError, BackupSummary};
+use crate::store::CredentialKind;
 use crate::store::{Store, StoreConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,7 +43,42 @@ pub enum AdminRequest {
         count: u32,
     },
     UserList,
+    /// Revokes every credential of the user, takes it out of its conversations and removes it.
+    UserRemove {
+        name: String,
+    },
+    TokenIssue {
+        user: String,
+        device: String,
+    },
+    /// Every credential, or one user's.
+    TokenList {
+        user: Option<String>,
+    },
+    TokenRevoke {
+        id: String,
+    },
+    /// Registers a client certificate (DER, hex) as a device of `user`.
+    CertRegister {
+        user: String,
+        device: String,
+        der_hex: String,
+        not_after_ms: Option<u64>,
+    },
     Backup,
+}
+
+/// One device credential as `quipd token list` shows it: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialInfo {
+    pub id: String,
+    pub user: UserName,
+    /// `token` or `certificate`.
+    pub kind: String,
+    pub device: String,
+    pub created_at_ms: u64,
+    pub last_used_ms: Option<u64>,
+    pub not_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +95,33 @@ pub enum AdminResponse {
     Users {
         users: Vec<UserName>,
     },
+    UserRemoved {
+        user: UserName,
+        /// Credentials revoked.
+        credentials: usize,
+        /// Connections closed.
+        closed: usize,
+        /// Conversations it was taken out of.
+        conversations: usize,
+    },
+    TokenIssued {
+        user: UserName,
+        id: String,
+        token: String,
+    },
+    Credentials {
+        credentials: Vec<CredentialInfo>,
+    },
+    Revoked {
+        id: String,
+        user: UserName,
+        device: String,
+        /// Connections closed.
+        closed: usize,
+    },
+    CertRegistered {
+        id: String,
+    },
     /// The backup file follows on the socket.
     Backup {
         epoch: String,
@@ -67,7 +134,15 @@ pub enum AdminResponse {
 /// Longest admin request line accepted.
 const MAX_REQUEST_LINE: u64 = 64 * 1024;
 
-async fn execute(accounts: &Accounts, request: AdminRequest) -> AdminResponse {
+/// What admin requests act on: the running daemon's, or a store opened offline.
+struct Scope<'a> {
+    accounts: &'a Accounts,
+    conversations: &'a Conversations,
+    connected: &'a Connected,
+}
+
+async fn execute(scope: &Scope<'_>, request: AdminRequest) -> AdminResponse {
+    let accounts = scope.accounts;
     let result = match request {
         AdminRequest::UserAdd { name } => accounts
             .add_user(&name)
@@ -78,6 +153,71 @@ async fn execute(accounts: &Accounts, request: AdminRequest) -> AdminResponse {
             .await
             .map(|users| AdminResponse::UsersAdded { users }),
         AdminRequest::UserList => accounts.users().map(|users| AdminResponse::Users { users }),
+        AdminRequest::UserRemove { name } => return remove_user(scope, &name).await,
+        AdminRequest::TokenIssue { user, device } => accounts
+            .issue_token(&user, &device)
+            .await
+            .map(|issued| AdminResponse::TokenIssued {
+                user: issued.user,
+                id: issued.id,
+                token: issued.token,
+            }),
+        AdminRequest::TokenList { user } => {
+            accounts
+                .credentials(user.as_deref())
+                .map(|credentials| AdminResponse::Credentials {
+                    credentials: credentials
+                        .into_iter()
+                        .map(|c| {
+                            let device = c.device.unwrap_or(crate::store::DeviceRecord {
+                                kind: CredentialKind::Token,
+                                label: String::new(),
+                                not_after_ms: None,
+                            });
+                            CredentialInfo {
+                                id: credential_id(&c.hash),
+                                user: c.token.user,
+                                kind: match device.kind {
+                                    CredentialKind::Token => "token",
+                                    CredentialKind::Certificate => "certificate",
+                                }
+                                .into(),
+                                device: device.label,
+                                created_at_ms: c.token.created_at_ms,
+                                last_used_ms: c.last_used_ms,
+                                not_after_ms: device.not_after_ms,
+                            }
+                        })
+                        .collect(),
+                })
+        }
+        AdminRequest::TokenRevoke { id } => accounts.revoke(&id).await.map(|revoked| {
+            let closed = scope.connected.revoke(&[revoked.hash]);
+            let device = revoked.device.map(|d| d.label).unwrap_or_default();
+            tracing::info!(%id, user = %revoked.token.user, closed, "credential revoked");
+            AdminResponse::Revoked {
+                id,
+                user: revoked.token.user,
+                device,
+                closed,
+            }
+        }),
+        AdminRequest::CertRegister {
+            user,
+            device,
+            der_hex,
+            not_after_ms,
+        } => {
+            let Ok(der) = hex::decode(&der_hex) else {
+                return AdminResponse::Error {
+                    message: "the certificate is not hex".into(),
+                };
+            };
+            accounts
+                .register_certificate(&user, &device, &der, not_after_ms)
+                .await
+                .map(|id| AdminResponse::CertRegistered { id })
+        }
         AdminRequest::Backup => {
             return AdminResponse::Error {
                 message: "a backup is streamed, not answered".into(),
@@ -85,6 +225,33 @@ async fn execute(accounts: &Accounts, request: AdminRequest) -> AdminResponse {
         }
     };
     result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
+}
+
+/// `quipd user remove`: first the credentials go (durably, with the user's record), so that the
+/// user cannot connect again; then its open connections are closed; then it leaves every
+/// conversation, each with a `MemberRemoved` it sent itself. Its messages stay. Run again after
+/// a failure, it finishes the leaving.
+async fn remove_user(scope: &Scope<'_>, name: &str) -> AdminResponse {
+    let result = async {
+        let credentials = scope.accounts.remove_user(name).await?;
+        let closed = scope.connected.revoke(&credentials);
+        let user: UserName = name.parse().map_err(anyhow::Error::msg)?;
+        let conversations = scope
+            .conversations
+            .remove_account(&user)
+            .await
+            .map_err(|e| anyhow::anyhow!("taking {user} out of its conversations: {e}"))?;
+        tracing::info!(%user, credentials = credentials.len(), closed, conversations, "user removed");
+        Ok::<_, anyhow::Error>(AdminResponse::UserRemoved {
+            user,
+            credentials: credentials.len(),
+            closed,
+            conversations,
+        })
+    };
+    result.await.unwrap_or_else(|e| AdminResponse::Error {
         message: e.to_string(),
     })
 }
@@ -148,7 +315,14 @@ async fn serve_one(stream: UnixStream, shared: &Shared) -> anyhow::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<AdminRequest>(&line) {
             Ok(AdminRequest::Backup) => return stream_backup(&shared.store, write).await,
-            Ok(request) => execute(&shared.accounts, request).await,
+            Ok(request) => {
+                let scope = Scope {
+                    accounts: &shared.accounts,
+                    conversations: &shared.conversations,
+                    connected: &shared.connected,
+                };
+                execute(&scope, request).await
+            }
             Err(e) => AdminResponse::Error {
                 message: format!("bad admin request: {e}"),
             },
@@ -281,7 +455,31 @@ pub async fn run(data_dir: &Path, request: AdminRequest) -> anyhow::Result<Admin
         Ok(stream) => ask_daemon(stream, &request).await,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
             let store = open_offline(data_dir)?;
-            Ok(execute(&Accounts::new(store), request).await)
+            // Nobody is connected; conversations run their sequencers in this process.
+            let presence = PresenceHandle::start(store.clone(), EphemeralLimits::default());
+            let relay = TypingRelay {
+                interval: EphemeralLimits::default().typing_relay_interval,
+                presence,
+            };
+            // No hook and no pruning: both belong to the running daemon.
+            let services = Services {
+                relay,
+                push: None,
+                retention: RetentionConfig::default(),
+            };
+            let conversations =
+                Conversations::new(store.clone(), services, ConversationLimits::default())?;
+            let accounts = Accounts::new(store.clone());
+            let connected = Connected::new(ConnectedLimits::default());
+            let scope = Scope {
+                accounts: &accounts,
+                conversations: &conversations,
+                connected: &connected,
+            };
+            let response = execute(&scope, request).await;
+            // Everything answered was committed; the store closes with the last handle.
+            store.sync().await?;
+            Ok(response)
         }
         Err(e) => Err(e).with_context(|| format!("connecting to {}", socket.display())),
     }

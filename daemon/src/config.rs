@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::conversation::Retention;
+use crate::connected::ConnectedLimits;
+use crate::conversation::{ConversationLimits, Retention};
 use crate::presence::EphemeralLimits;
 use crate::push::{Hook, Preview, PushConfig};
-use crate::server::{ServerConfig, TlsSource};
+use crate::server::{ClientAuth, ServerConfig, TlsSource};
 use crate::session::Limits;
 use crate::store::BackendKind;
 
@@ -266,13 +267,29 @@ impl RetentionSection {
 
 /// Certificate files from elsewhere (an ACME client, an internal CA). Both or neither; with
 /// neither, the daemon uses `DATA/certs` and makes a development PKI there on first start.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
     /// PEM certificate chain, leaf first.
     pub cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: Option<PathBuf>,
+    /// Whether clients may identify a device with a client certificate (mutual TLS).
+    pub client_auth: bool,
+    /// The CA that signs client certificates; without it, `DATA/certs/ca.pem` when the daemon
+    /// uses `DATA/certs`.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: None,
+            key: None,
+            client_auth: true,
+            client_ca: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -297,12 +314,35 @@ pub struct LimitsSection {
     pub datagrams_out_burst: u32,
     /// A user's repeated typing in one conversation is relayed at most this often.
     pub typing_relay_interval_ms: u64,
+    /// Largest message text, in bytes; at most the protocol's limit.
+    pub max_message_len: u32,
+    /// Members of one conversation, its creator included.
+    pub max_members: u32,
+    /// Conversations one user may be a member of.
+    pub max_conversations_per_user: u32,
+    /// Connections one user may have open at once, over all its devices.
+    pub max_connections_per_user: u32,
+    /// Requests that append an event (sends, creations, membership changes) one device may
+    /// make per second, and in one burst.
+    pub sends_per_sec: u32,
+    pub sends_burst: u32,
+    /// When this many connections are handshaking or waiting for their Hello, new ones must
+    /// first validate their address (QUIC Retry); 0: every connection.
+    pub retry_threshold: u32,
 }
 
 impl Default for LimitsSection {
     fn default() -> Self {
         let ephemeral = EphemeralLimits::default();
+        let session = Limits::default();
         LimitsSection {
+            max_message_len: session.max_message_len as u32,
+            max_members: session.conversations.max_members as u32,
+            max_conversations_per_user: session.conversations.max_conversations_per_user as u32,
+            max_connections_per_user: session.connected.max_connections_per_user as u32,
+            sends_per_sec: session.connected.sends_per_sec,
+            sends_burst: session.connected.sends_burst,
+            retry_threshold: session.retry_threshold as u32,
             max_connections: defaults::MAX_CONNECTIONS,
             handshake_timeout_ms: defaults::HANDSHAKE_TIMEOUT_MS,
             auth_timeout_ms: defaults::AUTH_TIMEOUT_MS,
@@ -414,6 +454,12 @@ impl ConfigFile {
             (None, Some(addr)) => Some(parse_addr("metrics.listen", addr)?),
             (None, None) => None,
         };
+        let client_auth = match (self.tls.client_auth, self.tls.client_ca, &self.tls.cert) {
+            (false, _, _) => ClientAuth::Off,
+            (true, Some(ca), _) => ClientAuth::Ca(ca),
+            (true, None, None) => ClientAuth::DataDirCa,
+            (true, None, Some(_)) => ClientAuth::Off,
+        };
         let tls = match (self.tls.cert, self.tls.key) {
             (None, None) => TlsSource::DataDir,
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
@@ -438,8 +484,30 @@ impl ConfigFile {
                 format!("must be between 1024 and {max_frame}"),
             ));
         }
-        if limits.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
+        let max_text = quip_protocol::limits::MAX_TEXT_LEN as u32;
+        if limits.max_message_len == 0 || limits.max_message_len > max_text {
+            return Err(invalid(
+                "limits.max_message_len",
+                format!("must be between 1 and {max_text}"),
+            ));
+        }
+        for (key, value) in [
+            ("limits.max_connections", limits.max_connections),
+            ("limits.max_members", limits.max_members),
+            (
+                "limits.max_conversations_per_user",
+                limits.max_conversations_per_user,
+            ),
+            (
+                "limits.max_connections_per_user",
+                limits.max_connections_per_user,
+            ),
+            ("limits.sends_per_sec", limits.sends_per_sec),
+            ("limits.sends_burst", limits.sends_burst),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         let positive = |key: &'static str, ms: u64| {
             if ms == 0 {
@@ -472,6 +540,17 @@ impl ConfigFile {
                 )?,
                 auth_timeout: positive("limits.auth_timeout_ms", limits.auth_timeout_ms)?,
                 max_frame_len: limits.max_frame_len,
+                max_message_len: limits.max_message_len as usize,
+                conversations: ConversationLimits {
+                    max_members: limits.max_members as usize,
+                    max_conversations_per_user: limits.max_conversations_per_user as usize,
+                },
+                connected: ConnectedLimits {
+                    max_connections_per_user: limits.max_connections_per_user as usize,
+                    sends_per_sec: limits.sends_per_sec,
+                    sends_burst: limits.sends_burst,
+                },
+                retry_threshold: limits.retry_threshold as usize,
                 ephemeral: EphemeralLimits {
                     presence_grace: Duration::from_millis(limits.presence_grace_ms),
                     datagrams_in_per_sec: limits.datagrams_in_per_sec,
@@ -484,6 +563,7 @@ impl ConfigFile {
             max_connections: limits.max_connections,
             idle_timeout: positive("limits.idle_timeout_ms", limits.idle_timeout_ms)?,
             tls,
+            client_auth,
             shutdown_timeout: positive("shutdown_timeout_ms", self.shutdown_timeout_ms)?,
             metrics_listen,
             log: LogConfig {
@@ -601,6 +681,26 @@ mod tests {
         assert_eq!(config.tls, TlsSource::DataDir);
         assert_eq!(config.metrics_listen, None);
         assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.client_auth, ClientAuth::DataDirCa);
+        let limits = &config.limits;
+        assert_eq!(limits.max_message_len, 65_536);
+        assert_eq!(limits.conversations, ConversationLimits::default());
+        assert_eq!(limits.connected, ConnectedLimits::default());
+        assert_eq!(limits.retry_threshold, 64);
+    }
+
+    #[test]
+    fn client_certificates_follow_the_tls_section() {
+        let off = server_config("[tls]\nclient_auth = false\n").unwrap();
+        assert_eq!(off.client_auth, ClientAuth::Off);
+        let ca = server_config("[tls]\nclient_ca = \"/etc/quipd/clients.pem\"\n").unwrap();
+        assert_eq!(
+            ca.client_auth,
+            ClientAuth::Ca("/etc/quipd/clients.pem".into())
+        );
+        // With certificates from elsewhere there is no CA of ours to trust unless named.
+        let acme = server_config("[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n").unwrap();
+        assert_eq!(acme.client_auth, ClientAuth::Off);
     }
 
     #[test]
@@ -642,6 +742,22 @@ mod tests {
             "limits.max_frame_len"
         );
         assert_eq!(error_key("[log]\nfilter = \"info,[\"\n"), "log.filter");
+        assert_eq!(
+            error_key("[limits]\nmax_message_len = 65537\n"),
+            "limits.max_message_len"
+        );
+        for key in [
+            "max_members",
+            "max_conversations_per_user",
+            "max_connections_per_user",
+            "sends_per_sec",
+            "sends_burst",
+        ] {
+            assert_eq!(
+                error_key(&format!("[limits]\n{key} = 0\n")),
+                format!("limits.{key}")
+            );
+        }
         let err = server_config("listen = \"localhost\"\n").unwrap_err();
         assert!(err.to_string().contains("not an IP address"), "{err}");
     }

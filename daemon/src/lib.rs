@@ -5,12 +5,16 @@
 //! one sequencer actor per conversation; [`store`] makes everything durable. [`presence`] owns
 //! who is online and sends the ephemeral DATAGRAMs (typing, presence), which are never stored.
 //! [`push`] calls the offline push hook.
-//! [`accounts`] and [`admin`] manage users and backups. [`config`] reads the configuration file
+//! [`accounts`] and [`admin`] manage users, their devices and backups; [`connected`] knows
+//! which devices are connected, so that a revocation closes their connections at once.
+//! [`control`] is the control stream's rules without IO. [`config`] reads the configuration file
 //! and [`metrics`] names what the Prometheus endpoint serves.
 
 pub mod accounts;
 pub mod admin;
 pub mod config;
+pub mod connected;
+pub mod control;
 pub mod conversation;
 pub mod delivery;
 pub mod metrics;

@@ -55,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Manage the devices of users: each device has its own token (or client certificate).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Make certificates.
     Certs {
         #[command(subcommand)]
@@ -129,6 +134,44 @@ enum UserCommand {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Remove a user: revoke its tokens and certificates, close its connections, take it out of
+    /// every conversation (it leaves; its messages stay). Its name is never given out again.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Issue a token for another device of USER and print it on one line (only this once).
+    Issue {
+        user: String,
+        /// A name for the device, shown by `token list`.
+        #[arg(long, default_value = "")]
+        device: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List device credentials (tokens and client certificates): id, user, kind, device,
+    /// created, last used. Never the tokens themselves.
+    List {
+        /// Only this user's.
+        user: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Revoke a token or client certificate by its id: it authenticates nobody from now on,
+    /// and its open connections are closed at once (REVOKED).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +188,28 @@ enum CertsCommand {
         /// Where to write the files [default: DATA/certs, which the daemon reads]
         #[arg(long)]
         dir: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Make a client certificate for a device of USER, signed by the CA, and register it: the
+    /// device then connects without a token (mutual TLS). Writes NAME.pem and NAME.key.
+    Client {
+        user: String,
+        /// The device's name, shown by `token list`.
+        #[arg(long)]
+        device: String,
+        /// Where to write the certificate and key [default: the current directory]
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// The CA certificate [default: DATA/certs/ca.pem]
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// The CA key [default: DATA/certs/ca.key]
+        #[arg(long)]
+        ca_key: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
         #[command(flatten)]
         data: DataDir,
     },
@@ -227,9 +292,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     (data, request)
                 }
                 UserCommand::List { data } => (data, AdminRequest::UserList),
+                UserCommand::Remove { name, data } => (data, AdminRequest::UserRemove { name }),
             };
             match admin::run(&data.resolve()?, request).await? {
                 AdminResponse::UserAdded { token, .. } => println!("{token}"),
+                AdminResponse::UserRemoved {
+                    user,
+                    credentials,
+                    closed,
+                    conversations,
+                } => println!(
+                    "removed {user}: {credentials} credentials revoked, {closed} connections closed, left {conversations} conversations"
+                ),
                 AdminResponse::UsersAdded { users } => {
                     let lines: String = users
                         .iter()
@@ -242,8 +316,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 AdminResponse::Users { users } => users.iter().for_each(|u| println!("{u}")),
                 AdminResponse::Error { message } => anyhow::bail!(message),
-                AdminResponse::Backup { .. } => anyhow::bail!("unexpected answer"),
+                other => anyhow::bail!("unexpected answer {other:?}"),
             }
+            Ok(())
+        }
+        Command::Token { command } => {
+            init_logging(&default_log());
+            token(command).await
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Client {
+                    user,
+                    device,
+                    out,
+                    ca_cert,
+                    ca_key,
+                    days,
+                    data,
+                },
+        } => {
+            init_logging(&default_log());
+            let data = data.resolve()?;
+            let certs = certs_dir(&data);
+            let ca_cert = ca_cert.unwrap_or_else(|| certs.join(quip_certs::CA_CERT_FILE));
+            let ca_key = ca_key.unwrap_or_else(|| certs.join(quip_certs::CA_KEY_FILE));
+            let cert = quip_certs::issue_client_certificate(
+                &ca_cert,
+                &ca_key,
+                &user,
+                &device,
+                time::Duration::days(i64::from(days)),
+            )?;
+            let not_after_ms = u64::try_from(cert.not_after.unix_timestamp())
+                .ok()
+                .map(|s| s * 1000);
+            let request = AdminRequest::CertRegister {
+                user: user.clone(),
+                device: device.clone(),
+                der_hex: hex::encode(&cert.der),
+                not_after_ms,
+            };
+            let id = match admin::run(&data, request).await? {
+                AdminResponse::CertRegistered { id } => id,
+                AdminResponse::Error { message } => anyhow::bail!(message),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            };
+            let name = format!("{user}-{device}");
+            let (cert_path, key_path) = quip_certs::write_client_certificate(&out, &name, &cert)
+                .with_context(|| {
+                    format!("the certificate is registered as {id}; revoke it with `quipd token revoke {id}`")
+                })?;
+            println!("{id}");
+            eprintln!(
+                "client certificate {} and key {} for {user}'s device {device:?}, valid until {}",
+                cert_path.display(),
+                key_path.display(),
+                cert.not_after.date()
+            );
             Ok(())
         }
         Command::Certs {
@@ -288,6 +418,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore { from, data, store } => restore(&from, &data, store),
+    }
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    let (data, request, json) = match command {
+        TokenCommand::Issue { user, device, data } => {
+            (data, AdminRequest::TokenIssue { user, device }, false)
+        }
+        TokenCommand::List { user, json, data } => (data, AdminRequest::TokenList { user }, json),
+        TokenCommand::Revoke { id, data } => (data, AdminRequest::TokenRevoke { id }, false),
+    };
+    match admin::run(&data.resolve()?, request).await? {
+        AdminResponse::TokenIssued { user, id, token } => {
+            println!("{token}");
+            eprintln!("issued token {id} for {user}");
+        }
+        AdminResponse::Credentials { credentials } if json => {
+            for c in credentials {
+                println!("{}", serde_json::to_string(&c)?);
+            }
+        }
+        AdminResponse::Credentials { credentials } => {
+            println!(
+                "{:<16}  {:<20}  {:<11}  {:<20}  {:<16}  LAST USED",
+                "ID", "USER", "KIND", "DEVICE", "CREATED"
+            );
+            for c in credentials {
+                let device = if c.device.is_empty() { "-" } else { &c.device };
+                println!(
+                    "{:<16}  {:<20}  {:<11}  {:<20}  {:<16}  {}",
+                    c.id,
+                    c.user,
+                    c.kind,
+                    device,
+                    utc(c.created_at_ms),
+                    c.last_used_ms.map_or_else(|| "never".into(), utc)
+                );
+            }
+        }
+        AdminResponse::Revoked {
+            id,
+            user,
+            device,
+            closed,
+        } => println!("revoked {id} ({user}, device {device:?}); closed {closed} connections"),
+        AdminResponse::Error { message } => anyhow::bail!(message),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM` in UTC, for listings.
+fn utc(ms: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute()
+        ),
+        Err(_) => ms.to_string(),
     }
 }
 
@@ -415,6 +608,26 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     println!("limits.auth_timeout = {:?}", config.limits.auth_timeout);
     println!("limits.idle_timeout = {:?}", config.idle_timeout);
     println!("limits.max_frame_len = {}", config.limits.max_frame_len);
+    let limits = &config.limits;
+    println!("limits.max_message_len = {}", limits.max_message_len);
+    println!("limits.max_members = {}", limits.conversations.max_members);
+    println!(
+        "limits.max_conversations_per_user = {}",
+        limits.conversations.max_conversations_per_user
+    );
+    println!(
+        "limits.max_connections_per_user = {}",
+        limits.connected.max_connections_per_user
+    );
+    println!(
+        "limits.sends_per_sec = {} (burst {})",
+        limits.connected.sends_per_sec, limits.connected.sends_burst
+    );
+    println!("limits.retry_threshold = {}", limits.retry_threshold);
+    match config.client_ca_file() {
+        Some(ca) => println!("tls.client_ca = {}", ca.display()),
+        None => println!("tls.client_ca = off (tokens only)"),
+    }
     println!("log.format = {:?}", config.log.format);
     println!("log.filter = {}", config.log.filter);
     match config.metrics_listen {

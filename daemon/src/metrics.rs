@@ -16,6 +16,7 @@ use quip_protocol::ErrorCode;
 pub const CONNECTIONS: &str = "quipd_connections";
 pub const CONNECTIONS_ACCEPTED: &str = "quipd_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "quipd_connections_refused_total";
+pub const CONNECTIONS_RETRIED: &str = "quipd_connections_retried_total";
 pub const SESSIONS: &str = "quipd_sessions";
 pub const CONVERSATIONS_ACTIVE: &str = "quipd_conversations_active";
 pub const MESSAGES_APPENDED: &str = "quipd_messages_appended_total";
@@ -67,6 +68,10 @@ fn describe() {
         CONNECTIONS_REFUSED,
         "Connections refused at limits.max_connections."
     );
+    describe_counter!(
+        CONNECTIONS_RETRIED,
+        "Connections asked to validate their address first (QUIC Retry)."
+    );
     describe_gauge!(SESSIONS, "Authenticated sessions.");
     describe_gauge!(CONVERSATIONS_ACTIVE, "Conversation sequencers running.");
     describe_counter!(
@@ -114,6 +119,7 @@ fn describe() {
     for name in [
         CONNECTIONS_ACCEPTED,
         CONNECTIONS_REFUSED,
+        CONNECTIONS_RETRIED,
         MESSAGES_APPENDED,
         STORE_FLUSHES,
         DELIVERY_LAGGED,
@@ -151,6 +157,10 @@ pub fn connection_error(code: ErrorCode) {
 
 pub fn refused() {
     counter!(CONNECTIONS_REFUSED).increment(1);
+}
+
+pub fn retried() {
+    counter!(CONNECTIONS_RETRIED).increment(1);
 }
 
 pub fn send_acked(elapsed: Duration) {

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 use crate::accounts::Accounts;
 use crate::admin;
 use crate::config::{defaults, LogConfig, LogFormat, RetentionConfig};
+use crate::connected::Connected;
 use crate::conversation::{Conversations, Services, TypingRelay};
 use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::push::{PushConfig, PushHandle, PushStats};
@@ -39,6 +41,8 @@ pub struct ServerConfig {
     /// A connection without traffic for this long is closed.
     pub idle_timeout: Duration,
     pub tls: TlsSource,
+    /// The CA whose client certificates identify devices (mutual TLS), if any.
+    pub client_auth: ClientAuth,
     /// The bound on a graceful shutdown.
     pub shutdown_timeout: Duration,
     /// Where the Prometheus endpoint listens; `None`: no metrics.
@@ -61,6 +65,7 @@ impl ServerConfig {
             max_connections: defaults::MAX_CONNECTIONS,
             idle_timeout: Duration::from_millis(defaults::IDLE_TIMEOUT_MS),
             tls: TlsSource::DataDir,
+            client_auth: ClientAuth::DataDirCa,
             shutdown_timeout: Duration::from_millis(defaults::SHUTDOWN_TIMEOUT_MS),
             metrics_listen: None,
             log: LogConfig {
@@ -83,6 +88,32 @@ impl ServerConfig {
                 )
             }
             TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
+        }
+    }
+}
+
+/// Which client certificates the server accepts (mutual TLS is optional for clients: a client
+/// without a certificate authenticates with a token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Certificates signed by `DATA/certs/ca.pem`, when that file exists.
+    DataDirCa,
+    /// Certificates signed by the CA in this PEM file.
+    Ca(PathBuf),
+    /// No client certificates: tokens only.
+    Off,
+}
+
+impl ServerConfig {
+    /// The CA file client certificates are checked against, `None` when mutual TLS is off.
+    pub fn client_ca_file(&self) -> Option<PathBuf> {
+        match &self.client_auth {
+            ClientAuth::DataDirCa => {
+                let ca = certs_dir(&self.data_dir).join(quip_certs::CA_CERT_FILE);
+                ca.exists().then_some(ca)
+            }
+            ClientAuth::Ca(path) => Some(path.clone()),
+            ClientAuth::Off => None,
         }
     }
 }
@@ -117,6 +148,35 @@ pub struct Shared {
     /// The offline push hook, if configured.
     pub push: Option<PushHandle>,
     pub limits: Limits,
+    /// Open sessions by device credential and user.
+    pub connected: Arc<Connected>,
+    pub stats: Arc<ServerStats>,
+}
+
+/// Counters of the accept loop, readable while the server runs.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections handshaking or waiting for their `Hello` right now.
+    pub pending: AtomicUsize,
+    /// Connections asked to validate their address first (QUIC Retry).
+    pub retries: AtomicU64,
+}
+
+/// Holds one place in [`ServerStats::pending`] while a connection has not authenticated.
+#[derive(Debug)]
+pub struct Pending(Arc<ServerStats>);
+
+impl Pending {
+    fn new(stats: &Arc<ServerStats>) -> Pending {
+        stats.pending.fetch_add(1, Ordering::Relaxed);
+        Pending(stats.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A bound, not yet running server.
@@ -139,13 +199,14 @@ pub struct TlsReloader {
     cert: PathBuf,
     key: PathBuf,
     transport: Arc<quinn::TransportConfig>,
+    client_ca: Option<PathBuf>,
 }
 
 impl TlsReloader {
     /// Reads the certificate and key again; on any error the endpoint keeps the old ones.
     pub fn reload(&self) -> anyhow::Result<()> {
         let identity = quip_certs::ServerIdentity::from_pem_files(&self.cert, &self.key)?;
-        let config = quic_config(identity, self.transport.clone())?;
+        let config = quic_config(identity, self.client_ca.as_deref(), self.transport.clone())?;
         self.endpoint.set_server_config(Some(config));
         tracing::info!(cert = %self.cert.display(), "reloaded the server certificate");
         Ok(())
@@ -180,9 +241,14 @@ impl Server {
         let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding UDP {}", config.listen))?;
         let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let client_ca = config.client_ca_file();
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
-            Some(quic_config(identity, transport.clone())?),
+            Some(quic_config(
+                identity,
+                client_ca.as_deref(),
+                transport.clone(),
+            )?),
             socket,
             runtime,
         )
@@ -193,6 +259,7 @@ impl Server {
             cert,
             key,
             transport,
+            client_ca,
         };
         let admin_path = admin_socket(&config.data_dir);
         let admin = admin::bind(&admin_path)?;
@@ -212,11 +279,17 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             accounts: Accounts::new(store.clone()),
-            conversations: Conversations::new(store.clone(), services)?,
+            conversations: Conversations::new(
+                store.clone(),
+                services,
+                config.limits.conversations,
+            )?,
             push,
             presence,
             store,
             limits: config.limits.clone(),
+            connected: Connected::new(config.limits.connected),
+            stats: Arc::new(ServerStats::default()),
         });
         Ok(Server {
             endpoint,
@@ -241,6 +314,11 @@ impl Server {
     /// Counters of the offline push hook, if one is configured.
     pub fn push_stats(&self) -> Option<Arc<PushStats>> {
         self.shared.push.as_ref().map(|push| push.stats().clone())
+    }
+
+    /// Counters of the accept loop (pending handshakes, retries).
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.shared.stats.clone()
     }
 
     /// The store the server writes to.
@@ -276,7 +354,24 @@ impl Server {
                         incoming.refuse();
                         continue;
                     }
-                    sessions.spawn(session::serve(self.shared.clone(), incoming, stopping.clone()));
+                    let stats = &self.shared.stats;
+                    let pending = stats.pending.load(Ordering::Relaxed);
+                    if must_validate(pending, self.shared.limits.retry_threshold, incoming.remote_address_validated())
+                        && incoming.may_retry()
+                    {
+                        let remote = incoming.remote_address();
+                        match incoming.retry() {
+                            Ok(()) => {
+                                stats.retries.fetch_add(1, Ordering::Relaxed);
+                                crate::metrics::retried();
+                                tracing::debug!(%remote, pending, "asked to validate its address (Retry)");
+                            }
+                            Err(e) => tracing::debug!(%remote, error = %e, "Retry failed"),
+                        }
+                        continue;
+                    }
+                    let pending = Pending::new(stats);
+                    sessions.spawn(session::serve(self.shared.clone(), incoming, pending, stopping.clone()));
                 }
             }
         }
@@ -310,6 +405,14 @@ impl Server {
             Err(_) => tracing::error!("shutdown timeout: the final store flush did not finish"),
         }
     }
+}
+
+/// Whether a new connection must first prove it can receive at its address (a QUIC Retry costs
+/// the client one round trip and the server no state): when `pending` connections are already
+/// handshaking or waiting for their `Hello`, at `threshold` or more. A flood of spoofed
+/// Initials then costs the server a stateless answer each instead of a connection each.
+pub fn must_validate(pending: usize, threshold: usize, validated: bool) -> bool {
+    !validated && pending >= threshold
 }
 
 /// QUIC endpoint settings that survive a restart: the stateless-reset key, and the key that
@@ -356,17 +459,41 @@ fn transport_config(config: &ServerConfig) -> anyhow::Result<quinn::TransportCon
 
 fn quic_config(
     identity: quip_certs::ServerIdentity,
+    client_ca: Option<&Path>,
     transport: Arc<quinn::TransportConfig>,
 ) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        // Optional mutual TLS: a certificate, when the client presents one, must chain to the
+        // CA (and is then looked up as a device credential); a client without one uses a token.
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in quip_certs::load_ca_certs(ca)? {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("client CA {}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .context("client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
         .with_single_cert(identity.chain, identity.key)
         .context("loading the server certificate")?;
     tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
-    // No 0-RTT: early data can be replayed, and a replayed send must never be accepted.
+    // No 0-RTT: early data can be replayed, and a replayed send must never be accepted. (quinn
+    // setups often set u32::MAX here, which accepts replayable early data.)
     tls.max_early_data_size = 0;
+    tls.send_half_rtt_data = false;
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport);

@@ -10,20 +10,22 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use quip_protocol::{
-    decode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ConversationId,
-    ConversationSummary, ErrorBody, ErrorCode, Event, EventBody, InboxEntry, MessageState,
-    Reaction, Receipt, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
+    decode_datagram, encode_frame, limits, ClientDatagram, ConversationId, ConversationSummary,
+    ErrorBody, ErrorCode, Event, EventBody, InboxEntry, MessageState, Reaction, Receipt, Request,
+    RequestId, Response, Seq, ServerFrame, StartAt, UserName,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::conversation::{answer, store_error, ConversationHandle, View};
+use crate::connected::{Admission, ConnectedLimits};
+use crate::control::{ControlStream, Step};
+use crate::conversation::{answer, store_error, ConversationHandle, ConversationLimits, View};
 use crate::delivery::Delivery;
 use crate::presence::{self, DeviceId, EphemeralLimits, EphemeralStats};
-use crate::rate_limit::TokenBucket;
-use crate::server::Shared;
+use crate::rate_limit::{Gate, SendGate, TokenBucket};
+use crate::server::{Pending, Shared};
 use crate::store::{ReceiptRecord, Store, StoreError};
-use crate::wire::{push_frame, FrameReader, ReadError};
+use crate::wire::push_frame;
 
 /// Requests of one connection awaiting their answer; past this the session stops reading.
 const MAX_PENDING_REQUESTS: usize = 1024;
@@ -31,13 +33,17 @@ const MAX_PENDING_REQUESTS: usize = 1024;
 const OUTGOING_QUEUE: usize = 256;
 /// How long the last frames of a closing session may take to reach the client.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest chunk read from the control stream at once.
+const READ_CHUNK: usize = 64 * 1024;
 
 type Reply = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 
-/// Serves one incoming connection until it closes or the server shuts down.
+/// Serves one incoming connection until it closes or the server shuts down. `pending` holds
+/// the connection's place among those not yet authenticated (what decides QUIC Retry).
 pub async fn serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
+    pending: Pending,
     shutdown: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
@@ -60,7 +66,9 @@ pub async fn serve(
             return;
         }
     };
-    let (user, control, revision) = match authenticate(&shared, &conn).await {
+    let authenticated = authenticate(&shared, &conn).await;
+    drop(pending);
+    let (user, admission, control, revision) = match authenticated {
         Ok(session) => session,
         Err(error) => {
             tracing::warn!(%remote, code = %error.code, "authentication failed: {}", error.message);
@@ -88,6 +96,8 @@ pub async fn serve(
         revision,
         device,
         datagrams,
+        admission,
+        gate: SendGate::default(),
         subscriptions: HashMap::new(),
         deliveries: JoinSet::new(),
         handles: HashMap::new(),
@@ -124,11 +134,21 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Accepts the control stream, checks `Hello` and answers `Welcome`.
+/// The leaf certificate the client presented in the TLS handshake, if any (DER).
+fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let identity = conn.peer_identity()?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().map(|leaf| leaf.to_vec())
+}
+
+/// Accepts the control stream, checks `Hello`, identifies the device (by its token, or by its
+/// client certificate when the token is empty), admits it and answers `Welcome`.
 async fn authenticate(
     shared: &Shared,
     conn: &quinn::Connection,
-) -> Result<(UserName, Control, u16), ErrorBody> {
+) -> Result<(UserName, Admission, Control, u16), ErrorBody> {
     let first = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| {
             ErrorBody::new(
@@ -136,21 +156,29 @@ async fn authenticate(
                 format!("no control stream: {e}"),
             )
         })?;
-        let mut reader = FrameReader::new(recv, shared.limits.max_frame_len);
-        let hello = reader.next::<ClientFrame>().await.map_err(read_error)?;
-        Ok::<_, ErrorBody>((send, reader, hello))
+        let mut reader = ControlReader::new(
+            recv,
+            shared.limits.max_frame_len,
+            shared.limits.max_message_len,
+        );
+        let step = reader
+            .next()
+            .await
+            .map_err(|e| ErrorBody::new(ErrorCode::PROTOCOL_VIOLATION, format!("stream: {e}")))?;
+        Ok::<_, ErrorBody>((send, reader, step))
     };
-    let (send, reader, hello) = tokio::time::timeout(shared.limits.auth_timeout, first)
+    let (send, reader, step) = tokio::time::timeout(shared.limits.auth_timeout, first)
         .await
         .map_err(|_| {
             ErrorBody::new(ErrorCode::AUTH_TIMEOUT, "no Hello within the time allowed")
         })??;
-    let (token, client, revision) = match hello {
-        Some(ClientFrame::Hello {
+    let (token, client, revision) = match step {
+        Step::Hello {
             token,
             client,
             revision,
-        }) => (token, client, revision),
+        } => (token, client, revision),
+        Step::Close(error) => return Err(error),
         _ => {
             return Err(ErrorBody::new(
                 ErrorCode::PROTOCOL_VIOLATION,
@@ -158,20 +186,32 @@ async fn authenticate(
             ))
         }
     };
-    if revision == 0 {
-        return Err(ErrorBody::new(
-            ErrorCode::PROTOCOL_VIOLATION,
-            "revision 0 does not exist; the first revision is 1",
-        ));
-    }
     // What this server sends a session is filtered by its revision: newer events become
     // `Unsupported`, newer frames and answers are not sent at all.
     let revision = revision.min(quip_protocol::REVISION);
-    let user = shared
-        .accounts
-        .authenticate(&token)
-        .map_err(store_error)?
-        .ok_or_else(|| ErrorBody::new(ErrorCode::UNAUTHENTICATED, "invalid token"))?;
+    let found = if token.is_empty() {
+        match peer_certificate(conn) {
+            Some(der) => shared.accounts.authenticate_certificate(&der),
+            None => Ok(None),
+        }
+    } else {
+        shared.accounts.authenticate(&token)
+    };
+    let (user, credential) = found.map_err(store_error)?.ok_or_else(|| {
+        let why = if token.is_empty() {
+            "no token, and no registered client certificate"
+        } else {
+            "invalid token"
+        };
+        ErrorBody::new(ErrorCode::UNAUTHENTICATED, why)
+    })?;
+    let closing = conn.clone();
+    let admission = shared.connected.admit(
+        credential,
+        &user,
+        Box::new(move |error| close(&closing, error)),
+        Instant::now(),
+    )?;
     let control = Control::start(send, reader, shared.limits.max_frame_len);
     let welcome = ServerFrame::Welcome {
         user: user.clone(),
@@ -181,25 +221,53 @@ async fn authenticate(
     };
     control.send(welcome).await;
     tracing::debug!(%user, client = %truncate(&client, limits::MAX_CLIENT_NAME_LEN), revision, "hello");
-    Ok((user, control, revision))
+    Ok((user, admission, control, revision))
 }
 
-fn read_error(e: ReadError) -> ErrorBody {
-    match e {
-        ReadError::Frame(e) => ErrorBody::new(e.code(), e.to_string()),
-        ReadError::Stream(e) => ErrorBody::new(ErrorCode::PROTOCOL_VIOLATION, e.to_string()),
+/// The control stream's receive side: QUIC reads pushed into the sans-IO [`ControlStream`].
+struct ControlReader {
+    stream: quinn::RecvStream,
+    core: ControlStream,
+    done: bool,
+}
+
+impl ControlReader {
+    fn new(stream: quinn::RecvStream, max_frame_len: u32, max_message_len: usize) -> Self {
+        ControlReader {
+            stream,
+            core: ControlStream::new(max_frame_len, max_message_len),
+            done: false,
+        }
+    }
+
+    /// The next step of the stream. Cancel-safe: bytes read are kept in the core, so a
+    /// `select!` may drop this future. After `End` or `Close` it never resolves again.
+    async fn next(&mut self) -> Result<Step, quinn::ReadError> {
+        loop {
+            if let Some(step) = self.core.poll_step() {
+                self.done = matches!(step, Step::End | Step::Close(_));
+                return Ok(step);
+            }
+            if self.done {
+                return std::future::pending().await;
+            }
+            match self.stream.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.core.push(&chunk.bytes),
+                None => self.core.finish(),
+            }
+        }
     }
 }
 
 /// The control stream: a reader, and a writer task that batches queued frames into few writes.
 struct Control {
-    reader: FrameReader,
+    reader: ControlReader,
     outgoing: mpsc::Sender<ServerFrame>,
     writer: tokio::task::JoinHandle<()>,
 }
 
 impl Control {
-    fn start(mut send: quinn::SendStream, reader: FrameReader, max_frame_len: u32) -> Self {
+    fn start(mut send: quinn::SendStream, reader: ControlReader, max_frame_len: u32) -> Self {
         let (outgoing, mut queue) = mpsc::channel::<ServerFrame>(OUTGOING_QUEUE);
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -254,6 +322,10 @@ struct Session {
     device: DeviceId,
     /// The incoming datagram rate limit.
     datagrams: TokenBucket,
+    /// This connection's place among the device's connections, and the device's send bucket.
+    admission: Admission,
+    /// Sends refused by the rate limit, held in order.
+    gate: SendGate,
     /// Per subscribed conversation, the signal that stops its delivery task.
     subscriptions: HashMap<ConversationId, oneshot::Sender<()>>,
     deliveries: JoinSet<()>,
@@ -290,9 +362,9 @@ impl Session {
                 }
                 Some(reply) = replies.next(), if !replies.is_empty() => control.send(reply).await,
                 _ = self.deliveries.join_next(), if !self.deliveries.is_empty() => {}
-                frame = control.reader.next::<ClientFrame>(), if reading && replies.len() < MAX_PENDING_REQUESTS => {
-                    match frame {
-                        Ok(Some(ClientFrame::Request { id, request })) => {
+                step = control.reader.next(), if reading && replies.len() < MAX_PENDING_REQUESTS => {
+                    match step {
+                        Ok(Step::Request { id, request }) => {
                             if request.revision() > self.revision {
                                 break Err(ErrorBody::new(
                                     ErrorCode::PROTOCOL_VIOLATION,
@@ -303,16 +375,22 @@ impl Session {
                                     ),
                                 ));
                             }
-                            let reply = self.dispatch(id, request).await;
-                            replies.push(reply);
+                            match self.dispatch(id, request).await {
+                                Ok(reply) => replies.push(reply),
+                                Err(error) => break Err(error),
+                            }
                         }
-                        Ok(Some(ClientFrame::Hello { .. })) => break Err(ErrorBody::new(
+                        Ok(Step::Refused { id, error }) => {
+                            replies.push(ready(ServerFrame::Error { id, error }));
+                        }
+                        Ok(Step::End) => reading = false,
+                        Ok(Step::Close(error)) => break Err(error),
+                        Ok(Step::Hello { .. }) => break Err(ErrorBody::new(
                             ErrorCode::PROTOCOL_VIOLATION,
                             "Hello sent twice",
                         )),
-                        Ok(None) => reading = false,
-                        Err(ReadError::Stream(_)) => break Ok(()),
-                        Err(e) => break Err(read_error(e)),
+                        // The client reset its stream, or the connection is gone.
+                        Err(_) => break Ok(()),
                     }
                 }
                 datagram = self.conn.read_datagram(), if datagrams_open => match datagram {
@@ -335,12 +413,62 @@ impl Session {
         result
     }
 
-    /// Starts a request. Everything that must happen in request order (queueing a send at its
-    /// conversation) happens before this returns; the returned future only awaits the answer.
-    async fn dispatch(&mut self, id: RequestId, request: Request) -> Reply {
-        if let Err(error) = request.validate() {
-            return ready(ServerFrame::Error { id, error });
+    /// Starts a validated request. Everything that must happen in request order (queueing a
+    /// send at its conversation) happens before this returns; the returned future only awaits
+    /// the answer. An error here closes the connection.
+    async fn dispatch(&mut self, id: RequestId, request: Request) -> Result<Reply, ErrorBody> {
+        if let Some(refused) = self.rate_limit(&request)? {
+            return Ok(ready(ServerFrame::Error { id, error: refused }));
         }
+        Ok(self.start(id, request).await)
+    }
+
+    /// Applies the device's send rate (`limits.sends_per_sec`) to requests that append an
+    /// event: `Some(RATE_LIMITED)` refuses the request; a send is refused in order (see
+    /// [`SendGate`]).
+    fn rate_limit(&mut self, request: &Request) -> Result<Option<ErrorBody>, ErrorBody> {
+        let now = Instant::now();
+        let mut bucket = self
+            .admission
+            .sends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let wait = match request {
+            // Every user action that carries a client id keeps its place in the sender's order.
+            Request::Send { conv, id, .. }
+            | Request::SendReply { conv, id, .. }
+            | Request::Edit { conv, id, .. }
+            | Request::Delete { conv, id, .. }
+            | Request::React { conv, id, .. }
+            | Request::Unreact { conv, id, .. } => {
+                match self.gate.admit(*conv, *id, &mut bucket, now) {
+                    Gate::Pass => return Ok(None),
+                    Gate::Refuse(wait) => wait,
+                    Gate::Overflow => return Err(ErrorBody::new(
+                        ErrorCode::RATE_LIMITED,
+                        "too many sends refused by the rate limit; reconnect and send them again",
+                    )),
+                }
+            }
+            Request::CreateConversation { .. }
+            | Request::AddMember { .. }
+            | Request::RemoveMember { .. } => {
+                if bucket.try_take(now) {
+                    return Ok(None);
+                }
+                bucket.wait()
+            }
+            _ => return Ok(None),
+        };
+        let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+        Ok(Some(ErrorBody {
+            code: ErrorCode::RATE_LIMITED,
+            message: "this device sends faster than the server allows".into(),
+            retry_after_ms: Some(retry_after_ms),
+        }))
+    }
+
+    async fn start(&mut self, id: RequestId, request: Request) -> Reply {
         let user = self.user.clone();
         match request {
             Request::CreateConversation { title, members } => {
@@ -884,13 +1012,22 @@ fn reply(
     })
 }
 
-/// Connection-level timeouts and sizes.
+/// The server's limits (the `[limits]` section of the configuration).
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub handshake_timeout: Duration,
     /// Time allowed between the handshake and a valid `Hello`.
     pub auth_timeout: Duration,
     pub max_frame_len: u32,
+    /// Largest message text, at most the protocol's `MAX_TEXT_LEN`.
+    pub max_message_len: usize,
+    /// Members per conversation, conversations per user.
+    pub conversations: ConversationLimits,
+    /// Connections per user, sends per second per device.
+    pub connected: ConnectedLimits,
+    /// Connections handshaking or waiting for `Hello` at which new connections must validate
+    /// their address first (QUIC Retry); 0: always.
+    pub retry_threshold: usize,
     /// Typing and presence: grace period, datagram rate limits.
     pub ephemeral: EphemeralLimits,
 }
@@ -901,6 +1038,10 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             max_frame_len: quip_protocol::limits::MAX_FRAME_LEN,
+            max_message_len: quip_protocol::limits::MAX_TEXT_LEN,
+            conversations: ConversationLimits::default(),
+            connected: ConnectedLimits::default(),
+            retry_threshold: 64,
             ephemeral: EphemeralLimits::default(),
         }
     }

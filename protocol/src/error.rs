@@ -38,6 +38,9 @@ error_codes! {
     UNAUTHENTICATED = 200,
     /// The first frame did not arrive in time.
     AUTH_TIMEOUT = 201,
+    /// The device's credential (token or client certificate) was revoked, or its user removed,
+    /// while it was connected. Sent as a connection close.
+    REVOKED = 202,
     /// The conversation does not exist, or the user is not a member: the two are not told apart.
     NOT_FOUND = 300,
     /// The user is a member but may not do this (e.g. only the creator adds members).
@@ -63,8 +66,14 @@ error_codes! {
     MESSAGE_TOO_LARGE = 400,
     /// Too many requests; `retry_after_ms` says when to try again.
     RATE_LIMITED = 401,
-    /// A per-user or per-conversation count limit was reached.
+    /// An answer does not fit in one frame.
     LIMIT_EXCEEDED = 402,
+    /// The conversation has as many members as the server allows.
+    MEMBER_LIMIT = 403,
+    /// A user is a member of as many conversations as the server allows.
+    CONVERSATION_LIMIT = 404,
+    /// The user has as many connections open as the server allows.
+    CONNECTION_LIMIT = 405,
     /// A message has as many reactions as it may hold.
     TOO_MANY_REACTIONS = 410,
     /// The server cannot serve the request now (store failure); retry later with the same id.

@@ -147,20 +147,38 @@ pub struct DaemonProcess {
     child: Option<std::process::Child>,
     /// Processes started so far; each writes its own log file.
     starts: u32,
+    /// A configuration file given with `--config`, if any.
+    config: Option<PathBuf>,
 }
 
 impl DaemonProcess {
     /// Starts `quipd serve --data DIR --listen 127.0.0.1:PORT` on a fresh directory and waits
     /// until it serves.
     pub async fn start() -> DaemonProcess {
+        Self::start_with(None).await
+    }
+
+    /// Like [`DaemonProcess::start`], with this configuration file (TOML) as `--config`; the
+    /// flags still set the data directory and the address.
+    pub async fn start_with_config(toml: &str) -> DaemonProcess {
+        Self::start_with(Some(toml)).await
+    }
+
+    async fn start_with(toml: Option<&str>) -> DaemonProcess {
         let dir = temp_dir();
         let data_dir = dir.path().join("data");
+        let config = toml.map(|toml| {
+            let path = dir.path().join("quipd.toml");
+            std::fs::write(&path, toml).expect("writing the quipd configuration");
+            path
+        });
         let mut daemon = DaemonProcess {
             dir,
             data_dir,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             child: None,
             starts: 0,
+            config,
         };
         daemon.spawn_ready(free_udp_port()).await;
         daemon
@@ -222,8 +240,12 @@ impl DaemonProcess {
             self.starts += 1;
             self.addr = SocketAddr::from(([127, 0, 0, 1], port));
             let log = std::fs::File::create(self.log_path()).expect("creating the quipd log");
-            let child = std::process::Command::new(&bins.quipd)
-                .arg("serve")
+            let mut command = std::process::Command::new(&bins.quipd);
+            command.arg("serve");
+            if let Some(config) = &self.config {
+                command.arg("--config").arg(config);
+            }
+            let child = command
                 .arg("--data")
                 .arg(&self.data_dir)
                 .arg("--listen")
@@ -231,6 +253,7 @@ impl DaemonProcess {
                 .env("RUST_BACKTRACE", "1")
                 .env_remove("QUIPD_DATA")
                 .env_remove("QUIPD_LISTEN")
+                .env_remove("QUIPD_CONFIG")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("cloning the log file handle"))
                 .stderr(log)

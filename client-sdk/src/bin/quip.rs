@@ -43,9 +43,16 @@ struct Connection {
         default_value = "./quip-data/certs/ca.pem"
     )]
     ca: PathBuf,
-    /// Bearer token (from `quipd user add`).
+    /// Bearer token (from `quipd user add` or `quipd token issue`).
     #[arg(long, global = true, env = "QUIP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Client certificate (PEM, from `quipd certs client`) that identifies this device instead
+    /// of a token; needs --key.
+    #[arg(long, global = true, env = "QUIP_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "QUIP_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     /// Keep cursors and unacknowledged sends in this file, so that a restarted `quip` resumes
     /// where it stopped (`tail` without `--after` continues from the saved cursor). One file per
     /// device: each device resumes on its own cursors.
@@ -177,12 +184,19 @@ async fn main() -> ExitCode {
 }
 
 async fn connect(conn: &Connection) -> Result<Client, ClientError> {
-    let token = conn.token.clone().ok_or_else(|| {
-        ClientError::Config(
-            "no token: pass --token or set QUIP_TOKEN (see `quipd user add`)".into(),
-        )
-    })?;
-    let mut config = ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, token)?;
+    let mut config = match (&conn.cert, &conn.key, &conn.token) {
+        (Some(cert), Some(key), _) => {
+            ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, "")?
+                .with_client_certificate(cert, key)?
+        }
+        (_, _, Some(token)) => {
+            ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, token.clone())?
+        }
+        _ => return Err(ClientError::Config(
+            "no token: pass --token or set QUIP_TOKEN (see `quipd user add`), or --cert and --key"
+                .into(),
+        )),
+    };
     config.state_file = conn.state.clone();
     Client::connect(config).await
 }

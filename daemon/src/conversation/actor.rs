@@ -21,7 +21,9 @@ use super::sequencer::{
     apply_membership, Append, Appended, Sequencer, StoredId, TargetInfo, TargetLookup,
 };
 use super::typing::TypingBoard;
-use super::{store_error, Command, Sent, Services, Subscription, Typing, View, LIVE_BUFFER};
+use super::{
+    store_error, Command, Memberships, Sent, Services, Subscription, Typing, View, LIVE_BUFFER,
+};
 use crate::presence::{EphemeralStats, Relay};
 use crate::push::Arrival;
 use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError, WriteBatch};
@@ -48,6 +50,7 @@ enum Waiter {
         reply: oneshot::Sender<Result<Sent, ErrorBody>>,
     },
     Member(oneshot::Sender<Result<Seq, ErrorBody>>),
+    Account(oneshot::Sender<Result<Option<Seq>, ErrorBody>>),
 }
 
 impl Waiter {
@@ -67,6 +70,9 @@ impl Waiter {
             Waiter::Member(reply) => {
                 let _ = reply.send(Ok(seq));
             }
+            Waiter::Account(reply) => {
+                let _ = reply.send(Ok(Some(seq)));
+            }
         }
     }
 
@@ -76,6 +82,9 @@ impl Waiter {
                 let _ = reply.send(Err(error));
             }
             Waiter::Member(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Waiter::Account(reply) => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -134,6 +143,8 @@ struct ConversationActor {
     typing: TypingBoard,
     retention: Retention,
     services: Services,
+    /// Every user's count of conversations, shared by all actors.
+    memberships: Arc<Memberships>,
 }
 
 pub(super) struct Start {
@@ -142,6 +153,7 @@ pub(super) struct Start {
     pub inbox: mpsc::Receiver<Command>,
     pub typing_inbox: mpsc::Receiver<Typing>,
     pub services: Services,
+    pub memberships: Arc<Memberships>,
     /// A new conversation's first event and its creator's reply.
     pub first: Option<(Append, oneshot::Sender<Result<Seq, ErrorBody>>)>,
     pub receipts: ReceiptBoard,
@@ -155,6 +167,7 @@ pub(super) fn spawn(start: Start) {
         inbox,
         typing_inbox,
         services,
+        memberships,
         first,
         receipts,
         floor,
@@ -192,6 +205,7 @@ pub(super) fn spawn(start: Start) {
         ),
         retention: services.retention.of(conv),
         services,
+        memberships,
     };
     if let Some((append, reply)) = first {
         let mut writes = WriteBatch::new();
@@ -294,7 +308,12 @@ impl ConversationActor {
                         return;
                     }
                 };
-                match self.sequencer.add_member(&by, user, exists, now_ms()) {
+                let memberships = &self.memberships;
+                let may_join = |user: &UserName| memberships.try_join(&[user]);
+                match self
+                    .sequencer
+                    .add_member(&by, user, exists, may_join, now_ms())
+                {
                     Ok(append) => self.stage(append, Waiter::Member(reply), writes, staged),
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -308,6 +327,7 @@ impl ConversationActor {
                 }
                 match self.sequencer.remove_member(&by, user.clone(), now_ms()) {
                     Ok(append) => {
+                        self.memberships.leave(&user);
                         self.stop_typing(&user);
                         self.stage(append, Waiter::Member(reply), writes, staged);
                     }
@@ -356,6 +376,22 @@ impl ConversationActor {
                     Err(ErrorBody::not_found())
                 };
                 let _ = reply.send(answer);
+            }
+            Command::RemoveAccount { user, reply } => {
+                if self.failed {
+                    let _ = reply.send(Err(unavailable()));
+                    return;
+                }
+                match self.sequencer.remove_account(&user, now_ms()) {
+                    Some(append) => {
+                        self.memberships.leave(&user);
+                        self.stop_typing(&user);
+                        self.stage(append, Waiter::Account(reply), writes, staged);
+                    }
+                    None => {
+                        let _ = reply.send(Ok(None));
+                    }
+                }
             }
             Command::View { user, reply } => {
                 let answer = if self.visible.members.contains(&user) {

@@ -6,6 +6,7 @@
 //! it, not the callers.
 
 mod actor;
+mod memberships;
 pub mod receipts;
 pub mod retention;
 pub mod sequencer;
@@ -24,6 +25,7 @@ use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::push::PushHandle;
 use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError};
 pub use actor::{now_ms, ReceiptsView};
+pub use memberships::Memberships;
 use receipts::ReceiptBoard;
 pub use retention::Retention;
 use sequencer::Sequencer;
@@ -99,6 +101,27 @@ enum Command {
         user: UserName,
         reply: oneshot::Sender<Result<View, ErrorBody>>,
     },
+    /// The user's account is being removed: it leaves, even as the creator.
+    RemoveAccount {
+        user: UserName,
+        reply: oneshot::Sender<Result<Option<Seq>, ErrorBody>>,
+    },
+}
+
+/// Count limits of conversations (`limits.max_members`, `limits.max_conversations_per_user`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConversationLimits {
+    pub max_members: usize,
+    pub max_conversations_per_user: usize,
+}
+
+impl Default for ConversationLimits {
+    fn default() -> Self {
+        ConversationLimits {
+            max_members: 1024,
+            max_conversations_per_user: 1000,
+        }
+    }
 }
 
 /// A typing signal from a member's connection. Membership is checked by the actor.
@@ -213,6 +236,16 @@ impl ConversationHandle {
         answer(self.ask(|reply| Command::View { user, reply }).await).await
     }
 
+    /// Takes a user whose account is being removed out of the conversation; resolves once
+    /// its `MemberRemoved` is durable (with its seq), or at once if it was not a member.
+    pub async fn remove_account(&self, user: UserName) -> Result<Option<Seq>, ErrorBody> {
+        answer(
+            self.ask(|reply| Command::RemoveAccount { user, reply })
+                .await,
+        )
+        .await
+    }
+
     /// Hands a typing signal of `user` to the actor, which relays it to the other members if
     /// `user` is one. Never waits: when the actor is busy the signal is dropped and counted.
     pub fn typing(&self, user: UserName, typing: bool) {
@@ -227,16 +260,27 @@ impl ConversationHandle {
 pub struct Conversations {
     store: Store,
     services: Services,
+    limits: ConversationLimits,
+    memberships: Arc<Memberships>,
     // A short std lock: held for a map lookup (and, on a conversation's first use, two sled
     // reads), never across an await.
     actors: Mutex<HashMap<ConversationId, ConversationHandle>>,
 }
 
 impl Conversations {
-    pub fn new(store: Store, services: Services) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Store,
+        services: Services,
+        limits: ConversationLimits,
+    ) -> Result<Self, StoreError> {
         Ok(Conversations {
+            memberships: Arc::new(Memberships::new(
+                store.clone(),
+                limits.max_conversations_per_user,
+            )),
             store,
             services,
+            limits,
             actors: Mutex::new(HashMap::new()),
         })
     }
@@ -255,7 +299,9 @@ impl Conversations {
         let head = self.store.head(conv)?;
         let receipts = ReceiptBoard::load(self.store.receipts(conv)?);
         let floor = self.store.oldest(conv)?;
-        let handle = self.start(Sequencer::load(conv, record, head), None, receipts, floor);
+        let sequencer =
+            Sequencer::load(conv, record, head).with_max_members(self.limits.max_members);
+        let handle = self.start(sequencer, None, receipts, floor);
         actors.insert(conv, handle.clone());
         Ok(Some(handle))
     }
@@ -277,6 +323,21 @@ impl Conversations {
                 ));
             }
         }
+        let mut members: Vec<&UserName> = invited.iter().chain([&creator]).collect();
+        members.sort();
+        members.dedup();
+        if members.len() > self.limits.max_members {
+            return Err(ErrorBody::new(
+                ErrorCode::MEMBER_LIMIT,
+                format!(
+                    "{} members, the most this server allows is {}",
+                    members.len(),
+                    self.limits.max_members
+                ),
+            ));
+        }
+        self.memberships.try_join(&members)?;
+        let joined: Vec<UserName> = members.into_iter().cloned().collect();
         let (reply, rx) = oneshot::channel();
         let conv = {
             let mut actors = self.actors.lock().unwrap_or_else(|e| e.into_inner());
@@ -293,6 +354,7 @@ impl Conversations {
                 }
             };
             let (sequencer, first) = Sequencer::create(conv, creator, title, invited, now_ms());
+            let sequencer = sequencer.with_max_members(self.limits.max_members);
             let started = self.start(
                 sequencer,
                 Some((first, reply)),
@@ -310,9 +372,25 @@ impl Conversations {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&conv);
+                joined.iter().for_each(|user| self.memberships.leave(user));
                 Err(e)
             }
         }
+    }
+
+    /// Takes `user` out of every conversation it is a member of (its account is being removed).
+    pub async fn remove_account(&self, user: &UserName) -> Result<usize, ErrorBody> {
+        let convs = self.store.user_conversations(user).map_err(store_error)?;
+        let mut left = 0;
+        for conv in convs {
+            let Some(handle) = self.get(conv).map_err(store_error)? else {
+                continue;
+            };
+            if handle.remove_account(user.clone()).await?.is_some() {
+                left += 1;
+            }
+        }
+        Ok(left)
     }
 
     fn start(
@@ -331,6 +409,7 @@ impl Conversations {
             inbox,
             typing_inbox,
             services: self.services.clone(),
+            memberships: self.memberships.clone(),
             first,
             receipts,
             floor,

@@ -71,6 +71,8 @@ pub struct Sequencer {
     /// Messages sent or changed whose latest change is not durable yet, so that the next action
     /// on them sees it before the store does: the seq of that change, and the state after it.
     pending_targets: HashMap<Seq, (Seq, TargetInfo)>,
+    /// Most members the conversation may have (`MEMBER_LIMIT` past it).
+    max_members: usize,
 }
 
 /// Applies a membership event to a conversation's state; other events change nothing. The
@@ -117,7 +119,14 @@ impl Sequencer {
             assigned: head,
             in_flight_ids: HashMap::new(),
             pending_targets: HashMap::new(),
+            max_members: usize::MAX,
         }
+    }
+
+    /// Sets the most members `add_member` lets the conversation have.
+    pub fn with_max_members(mut self, max_members: usize) -> Self {
+        self.max_members = max_members;
+        self
     }
 
     /// A new conversation and its first event, `Created` at seq 1.
@@ -348,12 +357,15 @@ impl Sequencer {
         }
     }
 
-    /// Adds `user`; only the creator may. `user_exists` is the answer of the user directory.
+    /// Adds `user`; only the creator may. `user_exists` is the answer of the user directory;
+    /// `may_join` is asked last, once every rule of the conversation allows the addition (it
+    /// checks, and counts, the user's own limit of conversations).
     pub fn add_member(
         &mut self,
         by: &UserName,
         user: UserName,
         user_exists: bool,
+        may_join: impl FnOnce(&UserName) -> Result<(), ErrorBody>,
         now_ms: u64,
     ) -> Result<Append, ErrorBody> {
         if !self.is_member(by) {
@@ -377,6 +389,16 @@ impl Sequencer {
                 format!("{user} is already a member"),
             ));
         }
+        if self.record.members.len() >= self.max_members {
+            return Err(ErrorBody::new(
+                ErrorCode::MEMBER_LIMIT,
+                format!(
+                    "the conversation has {} members, the most this server allows",
+                    self.record.members.len()
+                ),
+            ));
+        }
+        may_join(&user)?;
         let mut writes = WriteBatch::new();
         writes.add_membership(&user, self.conv);
         Ok(self.append(by.clone(), EventBody::MemberAdded { user }, now_ms, writes))
@@ -419,6 +441,19 @@ impl Sequencer {
             now_ms,
             writes,
         ))
+    }
+
+    /// Removes a user whose account is being removed: it leaves (a `MemberRemoved` it sent
+    /// itself), even if it is the creator, which then no longer administers the conversation.
+    /// `None` if it is not a member.
+    pub fn remove_account(&mut self, user: &UserName, now_ms: u64) -> Option<Append> {
+        if !self.is_member(user) {
+            return None;
+        }
+        let mut writes = WriteBatch::new();
+        writes.remove_membership(user, self.conv);
+        let body = EventBody::MemberRemoved { user: user.clone() };
+        Some(self.append(user.clone(), body, now_ms, writes))
     }
 
     /// An event made durable: its client id no longer needs the in-flight map, and the state of
@@ -529,6 +564,10 @@ mod tests {
         name.parse().unwrap()
     }
 
+    fn anyone(_: &UserName) -> Result<(), ErrorBody> {
+        Ok(())
+    }
+
     fn new_conversation() -> Sequencer {
         let (seq, first) = Sequencer::create(
             ConversationId(1),
@@ -563,7 +602,7 @@ mod tests {
         let mut s = new_conversation();
         assert_eq!(new_seq(sent(&mut s, "alice", 1, "hi")), Seq(2));
         let added = s
-            .add_member(&user("alice"), user("carol"), true, 0)
+            .add_member(&user("alice"), user("carol"), true, anyone, 0)
             .unwrap();
         assert_eq!(added.event.seq, Seq(3));
         assert_eq!(new_seq(sent(&mut s, "carol", 2, "hey")), Seq(4));
@@ -626,7 +665,7 @@ mod tests {
         let mut s = new_conversation();
         let errs = [
             sent(&mut s, "mallory", 1, "x").unwrap_err(),
-            s.add_member(&user("mallory"), user("eve"), true, 0)
+            s.add_member(&user("mallory"), user("eve"), true, anyone, 0)
                 .unwrap_err(),
             s.remove_member(&user("mallory"), user("bob"), 0)
                 .unwrap_err(),
@@ -691,13 +730,13 @@ mod tests {
     fn only_the_creator_manages_others_but_anyone_may_leave() {
         let mut s = new_conversation();
         let err = s
-            .add_member(&user("bob"), user("carol"), true, 0)
+            .add_member(&user("bob"), user("carol"), true, anyone, 0)
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::FORBIDDEN);
         let err = s.remove_member(&user("bob"), user("alice"), 0).unwrap_err();
         assert_eq!(err.code, ErrorCode::FORBIDDEN);
         let err = s
-            .add_member(&user("alice"), user("nobody"), false, 0)
+            .add_member(&user("alice"), user("nobody"), false, anyone, 0)
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::UNKNOWN_USER);
         s.remove_member(&user("bob"), user("bob"), 0).unwrap();
@@ -777,7 +816,7 @@ mod tests {
     #[test]
     fn the_author_or_the_creator_deletes_nobody_else() {
         let mut s = new_conversation();
-        s.add_member(&user("alice"), user("carol"), true, 0)
+        s.add_member(&user("alice"), user("carol"), true, anyone, 0)
             .unwrap();
         let bobs = new_seq(sent(&mut s, "bob", 1, "mine"));
         assert_eq!(
@@ -942,5 +981,60 @@ mod tests {
             0,
         );
         assert!(matches!(retry, Ok(Appended::Duplicate(d)) if d == seq));
+    }
+
+    #[test]
+    fn the_member_limit_is_checked_before_the_users_own_limit() {
+        let mut s = new_conversation().with_max_members(3);
+        s.add_member(&user("alice"), user("carol"), true, anyone, 0)
+            .unwrap();
+        let asked = std::cell::Cell::new(false);
+        let err = s
+            .add_member(
+                &user("alice"),
+                user("dave"),
+                true,
+                |_| {
+                    asked.set(true);
+                    Ok(())
+                },
+                0,
+            )
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::MEMBER_LIMIT);
+        assert!(
+            !asked.get(),
+            "a refused addition must not count against the user"
+        );
+        assert_eq!(s.assigned(), Seq(2));
+        // Below the limit the user's own limit decides, and nothing is appended when it refuses.
+        s.remove_member(&user("alice"), user("carol"), 0).unwrap();
+        let full = |_: &UserName| Err(ErrorBody::new(ErrorCode::CONVERSATION_LIMIT, "full"));
+        let err = s
+            .add_member(&user("alice"), user("dave"), true, full, 0)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::CONVERSATION_LIMIT);
+        assert_eq!(s.assigned(), Seq(3));
+    }
+
+    #[test]
+    fn an_account_removal_takes_even_the_creator_out() {
+        let mut s = new_conversation();
+        let removed = s.remove_account(&user("alice"), 0).unwrap();
+        assert_eq!(removed.event.sender, user("alice"));
+        assert_eq!(
+            removed.event.body,
+            EventBody::MemberRemoved {
+                user: user("alice")
+            }
+        );
+        assert!(!s.is_member(&user("alice")));
+        assert!(s.remove_account(&user("alice"), 0).is_none());
+        // Nobody administers it now; the others still talk and may leave.
+        let err = s
+            .add_member(&user("bob"), user("carol"), true, anyone, 0)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::FORBIDDEN);
+        assert_eq!(new_seq(sent(&mut s, "bob", 1, "still here")), Seq(3));
     }
 }

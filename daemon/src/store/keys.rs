@@ -11,10 +11,21 @@
 //! | `conv_state`         | `0x03` conv:u64                                  | `ConversationRecord` |
 //! | `userconv_member`    | `0x04` len:u8 user conv:u64                      | empty                |
 //! | `user_record`        | `0x05` user                                      | `UserRecord`         |
-//! | `tokenhash_user`     | `0x06` sha256(token):[32]                        | `TokenRecord`        |
+//! | `tokenhash_user`     | `0x06` sha256(credential):[32]                   | `TokenRecord`        |
+//! | `credential_device`  | `0x07` sha256(credential):[32]                   | `DeviceRecord`       |
+//! | `credential_lastused`| `0x08` sha256(credential):[32]                   | last_used_ms:u64     |
+//! | `user_removed`       | `0x09` user                                      | removed_at_ms:u64    |
 //! | `convuser_receipt`   | `0x10` conv:u64 len:u8 user                      | `ReceiptRecord`      |
 //! | `convseq_state`      | `0x11` conv:u64 seq:u64                          | `MessageRecord`      |
 //! | `convseq_text`       | `0x12` conv:u64 seq:u64                          | `TextRef`            |
+//!
+//! A credential is what identifies one device: a bearer token (its UTF-8 bytes, which start with
+//! `quip_`) or a client certificate (its DER bytes, which start with `0x30`), so the two kinds
+//! never hash the same input. `tokenhash_user` is what authentication reads; `credential_device`
+//! adds the device's label and kind (credentials issued before it existed have none: tokens
+//! without a label). A credential's id, as `quipd token list` shows it, is the first 8 bytes of its
+//! hash in hex: a prefix scan of `tokenhash_user` finds it. `user_removed` keeps removed names so
+//! that they are never given to someone else.
 //!
 //! Texts (of messages, replies and edits) are not in the engine: `convseq_event` holds the event
 //! with an empty text, and `convseq_text` where its bytes are in the text log (`texts.rs`), the
@@ -33,6 +44,9 @@ pub const CONV_STATE: u8 = 0x03;
 pub const USERCONV_MEMBER: u8 = 0x04;
 pub const USER_RECORD: u8 = 0x05;
 pub const TOKENHASH_USER: u8 = 0x06;
+pub const CREDENTIAL_DEVICE: u8 = 0x07;
+pub const CREDENTIAL_LASTUSED: u8 = 0x08;
+pub const USER_REMOVED: u8 = 0x09;
 pub const CONVUSER_RECEIPT: u8 = 0x10;
 pub const CONVSEQ_STATE: u8 = 0x11;
 pub const CONVSEQ_TEXT: u8 = 0x12;
@@ -139,9 +153,32 @@ pub fn user(user: &UserName) -> Vec<u8> {
 }
 
 pub fn token(hash: &[u8; 32]) -> [u8; 33] {
+    credential(TOKENHASH_USER, hash)
+}
+
+pub fn device(hash: &[u8; 32]) -> [u8; 33] {
+    credential(CREDENTIAL_DEVICE, hash)
+}
+
+pub fn last_used(hash: &[u8; 32]) -> [u8; 33] {
+    credential(CREDENTIAL_LASTUSED, hash)
+}
+
+fn credential(table: u8, hash: &[u8; 32]) -> [u8; 33] {
     let mut key = [0u8; 33];
-    key[0] = TOKENHASH_USER;
+    key[0] = table;
     key[1..].copy_from_slice(hash);
+    key
+}
+
+/// The credential hash of a `tokenhash_user` key.
+pub fn credential_hash(key: &[u8]) -> Option<[u8; 32]> {
+    key.get(1..33)?.try_into().ok()
+}
+
+pub fn user_removed(user: &UserName) -> Vec<u8> {
+    let mut key = vec![USER_REMOVED];
+    key.extend_from_slice(user.as_str().as_bytes());
     key
 }
 

@@ -121,10 +121,40 @@ pub struct UserRecord {
     pub created_at_ms: u64,
 }
 
+/// The user a credential (token or client certificate) belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub user: UserName,
     pub created_at_ms: u64,
+}
+
+/// What kind of credential identifies a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CredentialKind {
+    /// A bearer token, sent in `Hello`.
+    Token,
+    /// A client certificate, presented in the TLS handshake.
+    Certificate,
+}
+
+/// The device a credential stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub kind: CredentialKind,
+    /// The operator's name for the device (`--device`); may be empty.
+    pub label: String,
+    /// For a certificate: the end of its validity, ms since the Unix epoch.
+    pub not_after_ms: Option<u64>,
+}
+
+/// One credential as `quipd token list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    pub hash: [u8; 32],
+    pub token: TokenRecord,
+    /// `None` for credentials issued before devices had records (tokens without a label).
+    pub device: Option<DeviceRecord>,
+    pub last_used_ms: Option<u64>,
 }
 
 /// Writes that become durable together, atomically: after a crash either all of a batch is
@@ -306,6 +336,27 @@ impl WriteBatch {
 
     pub fn put_token(&mut self, hash: &[u8; 32], record: &TokenRecord) {
         self.put(&keys::token(hash), record);
+    }
+
+    pub fn put_device(&mut self, hash: &[u8; 32], record: &DeviceRecord) {
+        self.put(&keys::device(hash), record);
+    }
+
+    pub fn put_last_used(&mut self, hash: &[u8; 32], at_ms: u64) {
+        self.put(&keys::last_used(hash), &at_ms);
+    }
+
+    /// Forgets a credential: it no longer authenticates anyone.
+    pub fn remove_credential(&mut self, hash: &[u8; 32]) {
+        self.remove(&keys::token(hash));
+        self.remove(&keys::device(hash));
+        self.remove(&keys::last_used(hash));
+    }
+
+    /// Removes a user's record and keeps its name as removed, so it is never reused.
+    pub fn remove_user(&mut self, user: &UserName, at_ms: u64) {
+        self.remove(&keys::user(user));
+        self.put(&keys::user_removed(user), &at_ms);
     }
 }
 
@@ -870,6 +921,54 @@ impl Store {
 
     pub fn token(&self, hash: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
         self.get(&keys::token(hash))
+    }
+
+    pub fn last_used(&self, hash: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        self.get(&keys::last_used(hash))
+    }
+
+    /// When the user of this name was removed, if it was.
+    pub fn user_removed(&self, user: &UserName) -> Result<Option<u64>, StoreError> {
+        self.get(&keys::user_removed(user))
+    }
+
+    /// Every credential whose hash starts with `hash_prefix` (all of them for an empty prefix),
+    /// in hash order, with its device record and when it was last used.
+    pub fn credentials(&self, hash_prefix: &[u8]) -> Result<Vec<Credential>, StoreError> {
+        let mut prefix = vec![keys::TOKENHASH_USER];
+        prefix.extend_from_slice(hash_prefix);
+        let mut found = Vec::new();
+        let mut failed = None;
+        self.backend
+            .scan_prefix(&prefix, Order::Ascending, usize::MAX, &mut |key, value| {
+                let record = keys::credential_hash(key)
+                    .ok_or_else(|| StoreError::Corrupt("token key length".into()))
+                    .and_then(|hash| Ok((hash, decode::<TokenRecord>(value)?)));
+                match record {
+                    Ok(record) => {
+                        found.push(record);
+                        ControlFlow::Continue(())
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        found
+            .into_iter()
+            .map(|(hash, token)| {
+                Ok(Credential {
+                    hash,
+                    token,
+                    device: self.get(&keys::device(&hash))?,
+                    last_used_ms: self.last_used(&hash)?,
+                })
+            })
+            .collect()
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {

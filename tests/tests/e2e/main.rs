@@ -8,11 +8,14 @@
 
 mod access;
 mod auth;
+mod authorization;
 mod chat;
 mod cli;
 mod corpus;
 mod cursor;
+mod devices;
 mod durability;
+mod flood;
 mod idempotency;
 mod limits;
 mod membership;

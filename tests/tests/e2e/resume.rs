@@ -32,7 +32,12 @@ fn rss_kib(pid: u32) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_missing_100k_messages_gets_all_in_order_with_bounded_memory() {
     let backlog = backlog();
-    let daemon = DaemonProcess::start().await;
+    // One device sends the whole backlog as fast as it can: far past the per-device send rate
+    // a daemon allows by default, which this test is not about.
+    let daemon = DaemonProcess::start_with_config(
+        "[limits]\nsends_per_sec = 1000000\nsends_burst = 1000000\n",
+    )
+    .await;
     let alice = daemon.client(&daemon.add_user("alice").await).await;
     let bob_token = daemon.add_user("bob").await;
     let conv = alice

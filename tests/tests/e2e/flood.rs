@@ -1,0 +1,122 @@
+//! The daemon's memory after 10,000 unauthenticated connection attempts (issue 5): a real
+//! `quipd` with its default settings, QUIC connections that finish the handshake and never
+//! say `Hello`. Ignored by default (it takes about a minute); run it with
+//! `cargo test -p quip-tests --test e2e -- --ignored --nocapture flood`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::crypto::rustls::QuicClientConfig;
+use quip_tests::DaemonProcess;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+const ATTEMPTS: usize = 10_000;
+const AT_ONCE: usize = 200;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a minute of load; run by hand to measure (see the module doc)"]
+async fn flood_of_unauthenticated_connections_leaves_memory_bounded() {
+    let daemon = DaemonProcess::start().await;
+    let pid = daemon.pid();
+    let token = daemon.add_user("alice").await;
+    let before = rss_kib(pid);
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(daemon.ca_path()).expect("the CA") {
+        roots.add(cert.expect("a certificate")).expect("a root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
+    let config =
+        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).expect("QUIC TLS")));
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("endpoint");
+    endpoint.set_default_client_config(config);
+
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampling = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let (mut established, mut failed) = (0usize, 0usize);
+    let mut held = Vec::with_capacity(ATTEMPTS);
+    for wave in 0..ATTEMPTS / AT_ONCE {
+        let mut connecting = Vec::with_capacity(AT_ONCE);
+        for _ in 0..AT_ONCE {
+            let endpoint = endpoint.clone();
+            let addr = daemon.addr();
+            connecting.push(tokio::spawn(async move {
+                let connect = endpoint.connect(addr, "localhost").ok()?;
+                tokio::time::timeout(Duration::from_secs(10), connect)
+                    .await
+                    .ok()?
+                    .ok()
+            }));
+        }
+        for task in connecting {
+            match task.await.ok().flatten() {
+                Some(conn) => {
+                    established += 1;
+                    held.push(conn);
+                }
+                None => failed += 1,
+            }
+        }
+        if wave % 10 == 9 {
+            println!(
+                "{} attempts, {established} handshakes done, rss {} KiB",
+                (wave + 1) * AT_ONCE,
+                rss_kib(pid)
+            );
+        }
+    }
+    let flood_took = started.elapsed();
+    // The daemon closes every silent connection at its authentication timeout (10 s).
+    let closing = Instant::now();
+    for conn in &held {
+        let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid);
+    sampling.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    println!(
+        "{ATTEMPTS} unauthenticated connection attempts in {flood_took:?}: {established} \
+         handshakes completed, {failed} failed; closed within {:?} after the last; daemon RSS \
+         {before} KiB before, {peak} KiB at the peak, {after} KiB after",
+        closing.elapsed()
+    );
+    // A well-behaved client is still served.
+    let client = daemon.client(&token).await;
+    client
+        .create_conversation("after the flood", &[])
+        .await
+        .expect("served after the flood");
+    assert!(peak < 1024 * 1024, "peak RSS {peak} KiB");
+    assert!(
+        after < before + 128 * 1024,
+        "RSS grew from {before} KiB to {after} KiB and stayed"
+    );
+}
