@@ -10,6 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::backend::{Backend, KeyRange, Op, Order, Visitor};
 use super::writer::WriterStats;
@@ -20,6 +21,9 @@ impl From<sled::Error> for StoreError {
         StoreError::Io(e.to_string())
     }
 }
+
+/// How long to wait for a previous sled engine of this process to release its files.
+const SLED_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 pub struct SledBackend {
     db: sled::Db,
@@ -43,13 +47,24 @@ impl SledBackend {
         stats: Arc<WriterStats>,
         lock: File,
     ) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             // The writer flushes after every batch; a background flusher would only add IO.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| open_error(dir, e))?;
+            .flush_every_ms(None);
+        // sled locks its own `db` file too, and releases it only when its last background
+        // thread lets go of the engine, a moment after the engine was dropped. We already hold
+        // the store's lock, so no other process has this store: a sled lock still held is this
+        // process's previous engine on the way out, and worth a short wait.
+        let deadline = Instant::now() + SLED_RELEASE_WAIT;
+        let db = loop {
+            match config.open().map_err(|e| open_error(dir, e)) {
+                Err(StoreError::Locked(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                opened => break opened?,
+            }
+        };
         let tree = db.open_tree("quip")?;
         let durability = Durability::open(dir, stats)?;
         Ok(SledBackend {
