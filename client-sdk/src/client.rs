@@ -1320,8 +1320,24 @@ async fn read_delivery(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // Decide under the lock, deliver outside it.
-        let (route, delivered, last) = {
+        // A place in the subscription's queue first, then the decision (which moves the cursor)
+        // and the enqueue together under the lock: two streams of one conversation (a lost
+        // connection's and its replacement's) then never hand the app events out of order.
+        let route = {
+            let state = lock(&shared.state);
+            match state
+                .follows
+                .get(&conv)
+                .filter(|f| f.stream == Some(stream))
+            {
+                Some(follow) => follow.route.clone(),
+                None => return,
+            }
+        };
+        let Ok(place) = route.reserve_owned().await else {
+            return;
+        };
+        let last = {
             let mut guard = lock(&shared.state);
             let state = &mut *guard;
             let Some(follow) = state
@@ -1331,7 +1347,7 @@ async fn read_delivery(
             else {
                 return;
             };
-            match frame {
+            let (delivered, last) = match frame {
                 Ok(Some(DeliveryFrame::Event(event))) => match follow.cursor.admit(event.seq) {
                     Admit::Deliver => {
                         let origin = if event.sender != shared.user {
@@ -1349,11 +1365,10 @@ async fn read_delivery(
                             state.unreported.insert(conv, event.seq);
                             shared.report.notify_one();
                         }
-                        (follow.route.clone(), Delivered::Event(event, origin), false)
+                        (Delivered::Event(event, origin), false)
                     }
                     Admit::Duplicate => continue,
                     Admit::Gap { expected } => (
-                        follow.route.clone(),
                         Delivered::Lost(ClientError::Protocol(format!(
                             "delivery skipped from seq {expected} to {}",
                             event.seq
@@ -1361,14 +1376,9 @@ async fn read_delivery(
                         true,
                     ),
                 },
-                Ok(Some(DeliveryFrame::End { error })) => {
-                    (follow.route.clone(), Delivered::End(error), true)
-                }
-                Ok(Some(DeliveryFrame::Receipt(receipt))) => {
-                    (follow.route.clone(), Delivered::Receipt(receipt), false)
-                }
+                Ok(Some(DeliveryFrame::End { error })) => (Delivered::End(error), true),
+                Ok(Some(DeliveryFrame::Receipt(receipt))) => (Delivered::Receipt(receipt), false),
                 Ok(Some(DeliveryFrame::Start { .. })) => (
-                    follow.route.clone(),
                     Delivered::Lost(ClientError::Protocol("Start sent twice".into())),
                     true,
                 ),
@@ -1390,14 +1400,15 @@ async fn read_delivery(
                 }
                 // The connection broke: the next connection resumes this conversation.
                 Err(_) => return,
+            };
+            place.send(delivered);
+            if last {
+                state.follows.remove(&conv);
             }
+            last
         };
-        if last {
-            lock(&shared.state).follows.remove(&conv);
-        }
         shared.persist_soon();
-        drop(shared);
-        if route.send(delivered).await.is_err() || last {
+        if last {
             return;
         }
     }
