@@ -154,7 +154,7 @@ enum Link {
 /// One QUIC connection.
 struct Session {
     conn: quinn::Connection,
-    outgoing: mpsc::UnboundedSender<Outgoing>,
+    outgoing: Arc<Requests>,
 }
 
 /// A followed conversation.
@@ -169,11 +169,48 @@ struct Follow {
     stream: Option<(usize, quinn::StreamId)>,
     /// The caller of `subscribe`, until the server first answers.
     ready: Option<oneshot::Sender<Result<Seq, ClientError>>>,
+    /// The latest `Subscribe` sent for it (connection, request id): the only one whose
+    /// delivery stream it takes (a revision-2 stream names its request in `Opened`).
+    request: Option<(usize, RequestId)>,
 }
 
 struct Outgoing {
+    id: RequestId,
     request: Request,
     reply: ReplyTo,
+}
+
+/// A connection's request queue. A request gets its id when it is queued, so that whoever
+/// queues a `Subscribe` (under the state lock) can note which delivery stream will answer it.
+struct Requests {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    next_id: AtomicU64,
+}
+
+impl Session {
+    /// Queues a `Subscribe`; the (connection, request id) its delivery stream will name.
+    fn subscribe(&self, conv: ConversationId, start: StartAt) -> (usize, RequestId) {
+        let id = self
+            .outgoing
+            .send(Request::Subscribe { conv, start }, ReplyTo::Subscribe(conv));
+        (self.conn.stable_id(), id)
+    }
+}
+
+impl Requests {
+    fn new(queue: mpsc::UnboundedSender<Outgoing>) -> Self {
+        Requests {
+            queue,
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a request for the writer; the id it will carry.
+    fn send(&self, request: Request, reply: ReplyTo) -> RequestId {
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let _ = self.queue.send(Outgoing { id, request, reply });
+        id
+    }
 }
 
 /// Who gets a reply.
@@ -299,16 +336,14 @@ impl Client {
         let (reply, answer) = oneshot::channel();
         let mut changes = self.shared.link_changed.subscribe();
         let deadline = tokio::time::Instant::now() + self.shared.config.connect_timeout;
-        let mut outgoing = Some(Outgoing {
-            request,
-            reply: ReplyTo::Caller(reply),
-        });
+        let mut outgoing = Some((request, ReplyTo::Caller(reply)));
         loop {
             {
                 let state = lock(&self.shared.state);
                 match &state.link {
                     Link::Up(session) => {
-                        let _ = session.outgoing.send(outgoing.take().expect("sent once"));
+                        let (request, reply) = outgoing.take().expect("sent once");
+                        session.outgoing.send(request, reply);
                         break;
                     }
                     Link::Closed(e) => return Err(e.clone()),
@@ -471,10 +506,7 @@ impl Client {
                 let key = state.outbox.push(entry);
                 state.send_waiters.insert(key, waiter);
                 if let Link::Up(session) = &state.link {
-                    let _ = session.outgoing.send(Outgoing {
-                        request,
-                        reply: ReplyTo::Send(key),
-                    });
+                    let _ = session.outgoing.send(request, ReplyTo::Send(key));
                 }
             }
         }
@@ -548,14 +580,15 @@ impl Client {
                     route,
                     stream: None,
                     ready: Some(ready),
+                    request: None,
                 },
             );
             // Sent now if connected; otherwise the next connection subscribes every follow.
             if let Link::Up(session) = &state.link {
-                let _ = session.outgoing.send(Outgoing {
-                    request: Request::Subscribe { conv, start },
-                    reply: ReplyTo::Subscribe(conv),
-                });
+                let asked = session.subscribe(conv, start);
+                if let Some(follow) = state.follows.get_mut(&conv) {
+                    follow.request = Some(asked);
+                }
             }
         }
         let answer = tokio::time::timeout(self.shared.config.connect_timeout, subscribed).await;
@@ -588,10 +621,9 @@ impl Client {
                     }
                 }
                 if let Link::Up(session) = &state.link {
-                    let _ = session.outgoing.send(Outgoing {
-                        request: Request::Unsubscribe { conv },
-                        reply: ReplyTo::Nobody,
-                    });
+                    let _ = session
+                        .outgoing
+                        .send(Request::Unsubscribe { conv }, ReplyTo::Nobody);
                 }
             })),
         })
@@ -882,10 +914,7 @@ impl Shared {
                     let request = entry.request();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
-                        let _ = outgoing.send(Outgoing {
-                            request,
-                            reply: ReplyTo::Send(key),
-                        });
+                        let _ = outgoing.send(request, ReplyTo::Send(key));
                     });
                 }
                 return;
@@ -1041,7 +1070,11 @@ fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Conne
     } = established;
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let pending = Arc::new(Mutex::new(Pending::default()));
-    let (outgoing, requests) = mpsc::unbounded_channel();
+    let (queue, requests) = mpsc::unbounded_channel();
+    let session = Arc::new(Session {
+        conn: conn.clone(),
+        outgoing: Arc::new(Requests::new(queue)),
+    });
     tokio::spawn(write_requests(send, requests, pending.clone()));
     tokio::spawn(read_replies(reader, pending, Arc::downgrade(shared)));
     tokio::spawn(accept_deliveries(conn.clone(), Arc::downgrade(shared)));
@@ -1065,21 +1098,12 @@ fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Conne
                 }),
                 None => follow.start,
             };
-            let _ = outgoing.send(Outgoing {
-                request: Request::Subscribe { conv: *conv, start },
-                reply: ReplyTo::Subscribe(*conv),
-            });
+            follow.request = Some(session.subscribe(*conv, start));
         }
         for (key, entry) in state.outbox.pending() {
-            let _ = outgoing.send(Outgoing {
-                request: entry.request(),
-                reply: ReplyTo::Send(key),
-            });
+            session.outgoing.send(entry.request(), ReplyTo::Send(key));
         }
-        state.link = Link::Up(Arc::new(Session {
-            conn: conn.clone(),
-            outgoing,
-        }));
+        state.link = Link::Up(session);
     }
     shared.link_changed.send_modify(|n| *n += 1);
     conn
@@ -1196,11 +1220,10 @@ fn connection_error(e: &quinn::ConnectionError) -> ClientError {
 #[derive(Default)]
 struct Pending {
     replies: HashMap<RequestId, ReplyTo>,
-    next_id: u64,
 }
 
-/// Assigns request ids and writes requests in the order they were queued, batching what is
-/// queued together into one stream write.
+/// Writes requests in the order they were queued, batching what is queued together into one
+/// stream write.
 async fn write_requests(
     mut send: quinn::SendStream,
     mut requests: mpsc::UnboundedReceiver<Outgoing>,
@@ -1209,14 +1232,8 @@ async fn write_requests(
     let mut buf = Vec::new();
     while let Some(first) = requests.recv().await {
         let mut next = Some(first);
-        while let Some(Outgoing { request, reply }) = next.take() {
-            let id = {
-                let mut pending = lock(&pending);
-                pending.next_id += 1;
-                let id = RequestId(pending.next_id);
-                pending.replies.insert(id, reply);
-                id
-            };
+        while let Some(Outgoing { id, request, reply }) = next.take() {
+            lock(&pending).replies.insert(id, reply);
             match encode_frame(&ClientFrame::Request { id, request }, limits::MAX_FRAME_LEN) {
                 Ok(bytes) => buf.extend_from_slice(&bytes),
                 Err(e) => {
@@ -1300,8 +1317,11 @@ async fn read_delivery(
     stream: (usize, quinn::StreamId),
     shared: Weak<Shared>,
 ) {
-    let conv = match reader.next::<DeliveryFrame>().await {
-        Ok(Some(DeliveryFrame::Start { conv, .. })) => conv,
+    // A revision-2 stream names the request it answers; a revision-1 stream only its
+    // conversation, so it goes to the follow that has no stream yet.
+    let (conv, answers) = match reader.next::<DeliveryFrame>().await {
+        Ok(Some(DeliveryFrame::Opened { conv, request, .. })) => (conv, Some((stream.0, request))),
+        Ok(Some(DeliveryFrame::Start { conv, .. })) => (conv, None),
         _ => return,
     };
     {
@@ -1310,8 +1330,13 @@ async fn read_delivery(
         };
         let mut state = lock(&shared.state);
         match state.follows.get_mut(&conv) {
-            Some(follow) if follow.stream.is_none() => follow.stream = Some(stream),
-            // Not followed (any more), or a stale stream: ignore it.
+            Some(follow)
+                if follow.stream.is_none()
+                    && answers.is_none_or(|answers| follow.request == Some(answers)) =>
+            {
+                follow.stream = Some(stream)
+            }
+            // Not followed (any more), or the stream of an earlier subscription: ignore it.
             _ => return,
         }
     }
@@ -1378,7 +1403,7 @@ async fn read_delivery(
                 },
                 Ok(Some(DeliveryFrame::End { error })) => (Delivered::End(error), true),
                 Ok(Some(DeliveryFrame::Receipt(receipt))) => (Delivered::Receipt(receipt), false),
-                Ok(Some(DeliveryFrame::Start { .. })) => (
+                Ok(Some(DeliveryFrame::Start { .. } | DeliveryFrame::Opened { .. })) => (
                     Delivered::Lost(ClientError::Protocol("Start sent twice".into())),
                     true,
                 ),
@@ -1391,10 +1416,7 @@ async fn read_delivery(
                             epoch: follow.epoch,
                             seq,
                         });
-                        let _ = session.outgoing.send(Outgoing {
-                            request: Request::Subscribe { conv, start },
-                            reply: ReplyTo::Subscribe(conv),
-                        });
+                        follow.request = Some(session.subscribe(conv, start));
                     }
                     return;
                 }
@@ -1429,10 +1451,7 @@ async fn report_loop(shared: Weak<Shared>, notify: Arc<Notify>) {
         };
         let outgoing = session.outgoing.clone();
         for (conv, seq) in state.unreported.drain() {
-            let _ = outgoing.send(Outgoing {
-                request: Request::MarkDelivered { conv, seq },
-                reply: ReplyTo::Nobody,
-            });
+            let _ = outgoing.send(Request::MarkDelivered { conv, seq }, ReplyTo::Nobody);
         }
     }
 }

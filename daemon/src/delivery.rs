@@ -8,15 +8,15 @@
 //! a wait or the daemon a growing queue.
 //!
 //! Receipt cursors (revision 2) ride along outside the sequence: every member's right after
-//! `Start`, then each change. They come from a `watch` of the conversation's durable receipts,
+//! `Start` (`Opened`), then each change. They come from a `watch` of the conversation's durable receipts,
 //! which holds only the latest value, so a slow reader gets the newest cursors, never a backlog.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use quip_protocol::{
-    ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, Receipt, Seq,
-    UserName,
+    ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, Receipt,
+    RequestId, Seq, UserName,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -43,6 +43,8 @@ pub struct Delivery {
     /// The session's protocol revision: newer events go out as `Unsupported`, receipts only
     /// from revision 2.
     pub revision: u16,
+    /// The `Subscribe` request this stream answers, named in its first frame (revision 2).
+    pub request: RequestId,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,10 +98,19 @@ impl Delivery {
             receipts: (self.revision >= 2).then_some(receipts),
             shown: HashMap::new(),
         };
-        cursor.push(&DeliveryFrame::Start {
-            conv,
-            epoch: self.epoch,
-        });
+        let first = if self.revision >= 2 {
+            DeliveryFrame::Opened {
+                conv,
+                epoch: self.epoch,
+                request: self.request,
+            }
+        } else {
+            DeliveryFrame::Start {
+                conv,
+                epoch: self.epoch,
+            }
+        };
+        cursor.push(&first);
         cursor.push_receipts();
         let end = match cursor.deliver(live, head).await {
             Ok(Ended::Unsubscribed) => None,

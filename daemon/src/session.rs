@@ -802,6 +802,7 @@ impl Session {
                 after,
                 max_frame_len: self.shared.limits.max_frame_len,
                 revision: self.revision,
+                request: id,
             };
             self.deliveries
                 .spawn(delivery.run(self.conn.clone(), stopped));

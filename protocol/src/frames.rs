@@ -332,8 +332,18 @@ pub enum DeliveryFrame {
     /// The last frame: why delivery stopped (e.g. the user was removed). The stream then finishes.
     End { error: ErrorBody },
     /// Revision 2. A member's receipt cursors: every member's current ones right after
-    /// `Start`, then each change. Not part of the sequence: it carries no seq of its own.
+    /// `Start` (or `Opened`), then each change. Not part of the sequence: it carries no seq of
+    /// its own.
     Receipt(Receipt),
+    /// Revision 2. The first frame of a delivery stream in a revision-2 session, in place of
+    /// `Start`: the conversation, and the id of the `Subscribe` request the stream answers. A
+    /// client that unsubscribed and subscribed again can receive the stream of the earlier
+    /// request after its new subscription was made; the id tells the two apart.
+    Opened {
+        conv: ConversationId,
+        epoch: Epoch,
+        request: RequestId,
+    },
 }
 
 /// One entry of a conversation's sequence.
@@ -510,7 +520,7 @@ impl DeliveryFrame {
     /// The revision that introduced this kind of frame.
     pub fn revision(&self) -> u16 {
         match self {
-            DeliveryFrame::Receipt(_) => 2,
+            DeliveryFrame::Receipt(_) | DeliveryFrame::Opened { .. } => 2,
             _ => 1,
         }
     }

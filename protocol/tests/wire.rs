@@ -413,6 +413,8 @@ fn delivery_frame() -> BoxedStrategy<DeliveryFrame> {
         4 => event().prop_map(DeliveryFrame::Event),
         1 => error_body().prop_map(|error| DeliveryFrame::End { error }),
         1 => receipt().prop_map(DeliveryFrame::Receipt),
+        1 => (conversation_id(), epoch(), request_id())
+            .prop_map(|(conv, epoch, request)| DeliveryFrame::Opened { conv, epoch, request }),
     ]
     .boxed()
 }
@@ -494,6 +496,7 @@ fn delivery_frame_variant(v: &DeliveryFrame) -> usize {
         DeliveryFrame::Event(_) => 1,
         DeliveryFrame::End { .. } => 2,
         DeliveryFrame::Receipt(_) => 3,
+        DeliveryFrame::Opened { .. } => 4,
     }
 }
 
@@ -541,7 +544,7 @@ fn strategies_generate_every_variant() {
     assert_covers_all_variants("StartAt", start_at(), start_at_variant, 3);
     assert_covers_all_variants("ServerFrame", server_frame(), server_frame_variant, 4);
     assert_covers_all_variants("Response", response(), response_variant, 14);
-    assert_covers_all_variants("DeliveryFrame", delivery_frame(), delivery_frame_variant, 4);
+    assert_covers_all_variants("DeliveryFrame", delivery_frame(), delivery_frame_variant, 5);
     assert_covers_all_variants("EventBody", event_body(), event_body_variant, 10);
 }
 
@@ -1127,7 +1130,7 @@ fn unknown_variant_index_is_malformed() {
     assert_rejected::<ClientFrame>(&[0x09], unknown_variant());
     assert_rejected::<ClientFrame>(&[0x02], unknown_variant()); // one past Request
     assert_rejected::<ServerFrame>(&[0x04], unknown_variant()); // one past Closing
-    assert_rejected::<DeliveryFrame>(&[0x04], unknown_variant()); // one past Receipt
+    assert_rejected::<DeliveryFrame>(&[0x05], unknown_variant()); // one past Opened
     assert_rejected::<ClientFrame>(&[0xff, 0xff, 0xff, 0xff, 0x0f], unknown_variant()); // u32::MAX
                                                                                         // Request 19 (one past Page) inside ClientFrame::Request { id: 7 }.
     assert_rejected::<ClientFrame>(&[0x01, 0x07, 0x13], unknown_variant());
@@ -1497,6 +1500,24 @@ fn golden_delivery_start() {
             "00 ",                              // DeliveryFrame variant 0: Start
             "01 ",                              // conv: ConversationId(1)
             "000102030405060708090a0b0c0d0e0f", // epoch: 16 raw bytes
+        ],
+    );
+}
+
+#[test]
+fn golden_delivery_opened() {
+    assert_golden(
+        &DeliveryFrame::Opened {
+            conv: ConversationId(1),
+            epoch: EPOCH_0_TO_15,
+            request: RequestId(300),
+        },
+        &[
+            "00000014 ",                         // length prefix: 20-byte body
+            "04 ",                               // DeliveryFrame variant 4: Opened
+            "01 ",                               // conv: ConversationId(1)
+            "000102030405060708090a0b0c0d0e0f ", // epoch: 16 raw bytes
+            "ac02",                              // request: RequestId(300), varint
         ],
     );
 }
