@@ -8,6 +8,7 @@
 
 mod access;
 mod auth;
+mod bench;
 mod cli;
 mod corpus;
 mod cursor;
