@@ -102,6 +102,9 @@ pub struct Run {
     monitor: Option<DaemonMonitor>,
     pid: Option<u32>,
     usage: Option<host::DaemonUsage>,
+    /// This process: the load tool shares the machine with the daemon it measures.
+    tool: Option<DaemonMonitor>,
+    tool_usage: Option<host::DaemonUsage>,
     json: bool,
 }
 
@@ -112,12 +115,16 @@ impl Run {
         if let Some(pid) = self.pid {
             self.monitor = DaemonMonitor::start(pid);
         }
+        self.tool = DaemonMonitor::start(std::process::id());
     }
 
     /// Ends the accounting begun by [`Run::begin`].
     fn end(&mut self) {
         if let Some(monitor) = self.monitor.take() {
             self.usage = monitor.finish();
+        }
+        if let Some(monitor) = self.tool.take() {
+            self.tool_usage = monitor.finish();
         }
     }
 
@@ -187,6 +194,8 @@ pub async fn run(args: BenchArgs, server: &str, ca: &Path) -> anyhow::Result<Rep
         monitor: None,
         pid,
         usage: None,
+        tool: None,
+        tool_usage: None,
         json: args.json,
     };
     let scenario = args.scenario.clone();
@@ -206,6 +215,9 @@ pub async fn run(args: BenchArgs, server: &str, ca: &Path) -> anyhow::Result<Rep
             (outcome.operations as f64 / outcome.seconds.max(1e-9) / floors.fdatasync_per_sec)
                 .into(),
         );
+    }
+    if let Some(tool) = &ctx.tool_usage {
+        figures.insert("load tool CPU %".into(), tool.cpu_percent.into());
     }
     let mut checks = outcome.checks;
     checks.settle();

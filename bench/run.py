@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Runs the quip bench scenarios of BENCHMARKS.md and prints their medians as a Markdown table.
+
+Every run gets a fresh daemon on a fresh data directory (so no run inherits another's store),
+started with bench/quipd-bench.toml, which lifts the per-connection datagram limits and the
+connection cap and logs warnings only. Runs of different variants are interleaved (A B A B ...),
+so that a machine whose load changes during the session shifts every variant alike.
+
+    cargo build --release
+    bench/run.py                        # the whole table, 3 runs each, sled and fjall
+    bench/run.py --runs 5 --only send-w64-p4
+    bench/run.py --variant base=/path/to/old/quipd --variant new=target/release/quipd \
+        --only fanout-100                # A/B two daemon builds
+
+Each raw report is kept as JSON lines in --out (default: a new temporary directory).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> quip bench arguments. The sizes are those of the issue's targets.
+SCENARIOS = {
+    "send-w1-p1": ["send", "-p", "1", "-w", "1", "--duration", "10"],
+    "send-w1-p16": ["send", "-p", "16", "-w", "1", "--duration", "10"],
+    "send-w64-p4": ["send", "-p", "4", "-w", "64", "--duration", "10"],
+    "latency-1k": ["latency", "--rate", "1000", "--duration", "10"],
+    "latency-10k": ["latency", "--rate", "10000", "--duration", "10"],
+    "fanout-100": ["fanout", "-m", "100", "--messages", "5000"],
+    "connections-10k": ["connections", "-c", "10000", "--hold", "5"],
+    "replay-100k": ["replay", "--messages", "100000"],
+    "typing": ["typing", "-m", "2", "--samples", "2000", "--interval-ms", "1",
+               "--duration", "5", "--rate", "5000"],
+}
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_once(quipd, quip, store, args, workdir, log):
+    data = tempfile.mkdtemp(prefix="quip-bench-data-", dir=workdir)
+    port = free_port()
+    config = os.path.join(ROOT, "bench", "quipd-bench.toml")
+    daemon = subprocess.Popen(
+        [quipd, "serve", "--config", config, "--data", data,
+         "--listen", f"127.0.0.1:{port}", "--store", store],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while not os.path.exists(os.path.join(data, "admin.sock")):
+            if daemon.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"quipd did not start (see {log.name})")
+            time.sleep(0.05)
+        out = subprocess.run(
+            [quip, "--server", f"127.0.0.1:{port}", "bench", *args, "--data", data, "--json"],
+            capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"quip bench {' '.join(args)} failed: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def figure(report, key):
+    if key == "throughput":
+        return report["throughput_per_sec"]
+    if key in ("p50", "p99", "p999", "max"):
+        return report["latency"][f"{key}_us"]
+    if key == "fdatasync":
+        return report["floors"]["fdatasync_per_sec"]
+    if key == "udp_rtt_p50":
+        return report["floors"]["udp_rtt"]["p50_us"]
+    if key == "cpu":
+        return (report.get("daemon") or {}).get("cpu_percent")
+    if key == "rss_per_conn":
+        return report["figures"].get("daemon RSS per connection, bytes")
+    if key == "relayed":
+        return report["figures"].get("rate phase: relayed per second")
+    raise KeyError(key)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", action="append", help="scenario name (repeatable)")
+    parser.add_argument("--stores", default="sled,fjall")
+    parser.add_argument("--variant", action="append",
+                        help="NAME=QUIPD: a daemon build to compare (repeatable)")
+    parser.add_argument("--quip", default=os.path.join(ROOT, "target", "release", "quip"))
+    parser.add_argument("--out", help="directory for the raw JSON reports and daemon logs")
+    opts = parser.parse_args()
+
+    variants = []
+    for v in opts.variant or [f"quipd={os.path.join(ROOT, 'target', 'release', 'quipd')}"]:
+        name, _, path = v.partition("=")
+        variants.append((name, os.path.abspath(path)))
+    names = opts.only or list(SCENARIOS)
+    stores = opts.stores.split(",")
+    out = opts.out or tempfile.mkdtemp(prefix="quip-bench-")
+    os.makedirs(out, exist_ok=True)
+    raw = open(os.path.join(out, "reports.jsonl"), "a")
+    log = open(os.path.join(out, "quipd.log"), "a")
+    print(f"raw reports: {raw.name}", file=sys.stderr)
+    with open("/proc/loadavg") as f:
+        print(f"load average at start: {f.read().split()[:3]}", file=sys.stderr)
+
+    results = {}
+    for name in names:
+        for run in range(opts.runs):
+            for store in stores:
+                for variant, quipd in variants:
+                    report = run_once(quipd, opts.quip, store, SCENARIOS[name], out, log)
+                    report["run"] = {"scenario": name, "variant": variant, "n": run}
+                    raw.write(json.dumps(report) + "\n")
+                    raw.flush()
+                    results.setdefault((name, store, variant), []).append(report)
+                    print(f"{name} {store} {variant} run {run + 1}: "
+                          f"{report['throughput_per_sec']:.0f} {report['unit']}/s, "
+                          f"p50 {report['latency']['p50_us']} µs, "
+                          f"p99 {report['latency']['p99_us']} µs", file=sys.stderr)
+    with open("/proc/loadavg") as f:
+        print(f"load average at end: {f.read().split()[:3]}", file=sys.stderr)
+
+    keys = ["throughput", "p50", "p99", "max", "cpu", "fdatasync", "udp_rtt_p50",
+            "rss_per_conn", "relayed"]
+    print("| scenario | store | build | runs | " + " | ".join(keys) + " |")
+    print("|" + "---|" * (len(keys) + 4))
+    for (name, store, variant), reports in results.items():
+        cells = []
+        for key in keys:
+            m = median([figure(r, key) for r in reports])
+            cells.append("" if m is None else f"{m:.0f}")
+        print(f"| {name} | {store} | {variant} | {len(reports)} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
