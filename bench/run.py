@@ -36,7 +36,7 @@ SCENARIOS = {
     "send-w64-p4": ["send", "-p", "4", "-w", "64", "--duration", "10"],
     "latency-1k": ["latency", "--rate", "1000", "--duration", "10"],
     "latency-10k": ["latency", "--rate", "10000", "--duration", "10"],
-    "fanout-100": ["fanout", "-m", "100", "--messages", "5000"],
+    "fanout-100": ["fanout", "-m", "100", "--messages", "20000", "-w", "256"],
     "connections-10k": ["connections", "-c", "10000", "--hold", "5"],
     "replay-100k": ["replay", "--messages", "100000"],
     "typing": ["typing", "-m", "2", "--samples", "2000", "--interval-ms", "1",
@@ -91,6 +91,11 @@ def figure(report, key):
         return report["floors"]["udp_rtt"]["p50_us"]
     if key == "cpu":
         return (report.get("daemon") or {}).get("cpu_percent")
+    if key == "cpu_us_per_op":
+        daemon = report.get("daemon")
+        return daemon and 1e6 * daemon["cpu_seconds"] / max(report["operations"], 1)
+    if key == "tool_cpu":
+        return report["figures"].get("load tool CPU %")
     if key == "rss_per_conn":
         return report["figures"].get("daemon RSS per connection, bytes")
     if key == "relayed":
@@ -146,15 +151,15 @@ def main():
     with open("/proc/loadavg") as f:
         print(f"load average at end: {f.read().split()[:3]}", file=sys.stderr)
 
-    keys = ["throughput", "p50", "p99", "max", "cpu", "fdatasync", "udp_rtt_p50",
-            "rss_per_conn", "relayed"]
+    keys = ["throughput", "p50", "p99", "max", "cpu", "cpu_us_per_op", "tool_cpu", "fdatasync",
+            "udp_rtt_p50", "rss_per_conn", "relayed"]
     print("| scenario | store | build | runs | " + " | ".join(keys) + " |")
     print("|" + "---|" * (len(keys) + 4))
     for (name, store, variant), reports in results.items():
         cells = []
         for key in keys:
             m = median([figure(r, key) for r in reports])
-            cells.append("" if m is None else f"{m:.0f}")
+            cells.append("" if m is None else f"{m:.2f}" if m < 10 else f"{m:.0f}")
         print(f"| {name} | {store} | {variant} | {len(reports)} | " + " | ".join(cells) + " |")
 
 

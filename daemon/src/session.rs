@@ -59,7 +59,7 @@ pub async fn serve(
             return;
         }
     };
-    let (user, control) = match authenticate(&shared, &conn).await {
+    let (user, control, revision) = match authenticate(&shared, &conn).await {
         Ok(session) => session,
         Err(error) => {
             tracing::warn!(%remote, code = %error.code, "authentication failed: {}", error.message);
@@ -84,6 +84,7 @@ pub async fn serve(
         shared,
         conn: conn.clone(),
         user,
+        revision,
         device,
         datagrams,
         subscriptions: HashMap::new(),
@@ -126,7 +127,7 @@ fn truncate(text: &str, max: usize) -> &str {
 async fn authenticate(
     shared: &Shared,
     conn: &quinn::Connection,
-) -> Result<(UserName, Control), ErrorBody> {
+) -> Result<(UserName, Control, u16), ErrorBody> {
     let first = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| {
             ErrorBody::new(
@@ -162,8 +163,7 @@ async fn authenticate(
             "revision 0 does not exist; the first revision is 1",
         ));
     }
-    // Every variant this server sends exists in revision 1, so no filtering is needed yet; a
-    // later revision filters what it sends by `revision`.
+    // What the session is sent is filtered by this revision (events: `delivery::for_revision`).
     let revision = revision.min(quip_protocol::REVISION);
     let user = shared
         .accounts
@@ -179,7 +179,7 @@ async fn authenticate(
     };
     control.send(welcome).await;
     tracing::debug!(%user, client = %truncate(&client, limits::MAX_CLIENT_NAME_LEN), revision, "hello");
-    Ok((user, control))
+    Ok((user, control, revision))
 }
 
 fn read_error(e: ReadError) -> ErrorBody {
@@ -246,6 +246,8 @@ struct Session {
     shared: Arc<Shared>,
     conn: quinn::Connection,
     user: UserName,
+    /// The protocol revision of the session, agreed in Hello and Welcome.
+    revision: u16,
     /// This connection, as the presence actor knows it.
     device: DeviceId,
     /// The incoming datagram rate limit.
@@ -509,6 +511,7 @@ impl Session {
                 subscription,
                 after,
                 max_frame_len: self.shared.limits.max_frame_len,
+                revision: self.revision,
             };
             self.deliveries
                 .spawn(delivery.run(self.conn.clone(), stopped));

@@ -6,9 +6,9 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use quip_protocol::{
-    decode_exact, encode_frame, limits, ClientFrame, ClientMessageId, ConversationId,
-    DeliveryFrame, Event, EventBody, FrameDecoder, Request, RequestId, Seq, UserName,
-    LENGTH_PREFIX_LEN,
+    decode_exact, encode_frame, encode_frame_into, limits, ClientFrame, ClientMessageId,
+    ConversationId, DeliveryFrame, Event, EventBody, EventFrame, FrameDecoder, Request, RequestId,
+    Seq, UserName, LENGTH_PREFIX_LEN,
 };
 
 fn text() -> String {
@@ -92,5 +92,35 @@ fn frames(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frames);
+/// One message to 100 members' delivery buffers: encoded for each member from a copy of the
+/// event (what the daemon did before), or encoded once and the bytes copied.
+fn fanout(c: &mut Criterion) {
+    const MEMBERS: usize = 100;
+    let event = event(99);
+    let mut buffers: Vec<Vec<u8>> = (0..MEMBERS).map(|_| Vec::with_capacity(1 << 20)).collect();
+    let mut group = c.benchmark_group("fan-out of one event to 100 members");
+    group.throughput(Throughput::Elements(MEMBERS as u64));
+    group.bench_function("copy and encode per member", |b| {
+        b.iter(|| {
+            for out in &mut buffers {
+                out.clear();
+                let frame = DeliveryFrame::Event(event.clone());
+                out.extend_from_slice(&encode_frame(&frame, limits::MAX_FRAME_LEN).unwrap());
+            }
+        })
+    });
+    group.bench_function("encode once, share the bytes", |b| {
+        b.iter(|| {
+            let mut shared = Vec::new();
+            encode_frame_into(&EventFrame(&event), &mut shared, limits::MAX_FRAME_LEN).unwrap();
+            for out in &mut buffers {
+                out.clear();
+                out.extend_from_slice(&shared);
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, frames, fanout);
 criterion_main!(benches);

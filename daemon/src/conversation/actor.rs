@@ -16,6 +16,7 @@ use tracing::Instrument;
 use super::sequencer::{apply_membership, Append, Appended, Sequencer, StoredId};
 use super::typing::TypingBoard;
 use super::{store_error, Command, Sent, Subscription, Typing, TypingRelay, View, LIVE_BUFFER};
+use crate::delivery::LiveEvent;
 use crate::presence::{EphemeralStats, Relay};
 use crate::store::{ConversationRecord, Store, StoreError, WriteBatch};
 
@@ -82,7 +83,8 @@ struct ConversationActor {
     /// The conversation's state as of `durable`: who may read. The sequencer's record runs
     /// ahead of it by the membership changes not yet durable, which must not grant reading.
     visible: ConversationRecord,
-    live: broadcast::Sender<Arc<Event>>,
+    /// Durable events for live delivery, each encoded once for all subscribers.
+    live: broadcast::Sender<Arc<LiveEvent>>,
     /// Set when a commit failed: seqs past `durable` may be lost, so nothing more is assigned.
     failed: bool,
     /// Typing signals of members, to relay to the other members.
@@ -367,7 +369,7 @@ impl ConversationActor {
                 waiter.answer(&event);
             }
             // No receiver is fine: nobody is subscribed right now.
-            let _ = self.live.send(Arc::new(event));
+            let _ = self.live.send(Arc::new(LiveEvent::new(event)));
         }
     }
 }

@@ -13,9 +13,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quip_protocol::{ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, Seq, UserName};
+use quip_protocol::{ClientMessageId, ConversationId, ErrorBody, ErrorCode, Seq, UserName};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::delivery::LiveEvent;
 use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::store::{ConversationRecord, Store, StoreError};
 pub use actor::now_ms;
@@ -43,7 +44,7 @@ pub struct Sent {
 /// are in the store.
 #[derive(Debug)]
 pub struct Subscription {
-    pub live: broadcast::Receiver<Arc<Event>>,
+    pub live: broadcast::Receiver<Arc<LiveEvent>>,
     pub head: Seq,
 }
 
