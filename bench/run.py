@@ -38,6 +38,7 @@ SCENARIOS = {
     "latency-10k": ["latency", "--rate", "10000", "--duration", "10"],
     "fanout-100": ["fanout", "-m", "100", "--messages", "20000", "-w", "256"],
     "connections-10k": ["connections", "-c", "10000", "--hold", "5"],
+    "connections-5k": ["connections", "-c", "5000", "--hold", "3"],
     "replay-100k": ["replay", "--messages", "100000"],
     "typing": ["typing", "-m", "2", "--samples", "2000", "--interval-ms", "1",
                "--duration", "5", "--rate", "5000"],

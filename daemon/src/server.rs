@@ -170,6 +170,7 @@ impl Server {
         let endpoint_config = endpoint_config(&store.stateless_reset_key().await?);
         let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding UDP {}", config.listen))?;
+        size_socket_buffers(&socket);
         let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
@@ -286,6 +287,31 @@ impl Server {
             Err(_) => tracing::error!("shutdown timeout: the final store flush did not finish"),
         }
     }
+}
+
+/// Socket buffer size asked of the kernel for the endpoint's one UDP socket, both ways (the
+/// kernel caps it at `net.core.rmem_max` / `wmem_max`).
+const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Every connection shares one UDP socket, so bursts (a wave of handshakes, a message fanned
+/// out to many members) arrive faster than the endpoint task drains them. With the kernel's
+/// default buffer (208 KiB) 64 concurrent handshakes overflowed it, and each dropped Initial
+/// cost its client a retransmission timeout of about a second.
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    use quinn::udp::UdpSocketState;
+    let state = match UdpSocketState::new(socket.into()) {
+        Ok(state) => state,
+        Err(e) => return tracing::warn!(error = %e, "cannot inspect the UDP socket"),
+    };
+    let _ = state.set_recv_buffer_size(socket.into(), SOCKET_BUFFER_BYTES);
+    let _ = state.set_send_buffer_size(socket.into(), SOCKET_BUFFER_BYTES);
+    tracing::info!(
+        recv_buffer = state.recv_buffer_size(socket.into()).unwrap_or(0),
+        send_buffer = state.send_buffer_size(socket.into()).unwrap_or(0),
+        gso_segments = state.max_gso_segments(),
+        gro_segments = state.gro_segments(),
+        "UDP socket"
+    );
 }
 
 /// QUIC endpoint settings that survive a restart: the stateless-reset key, and the key that

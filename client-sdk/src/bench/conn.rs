@@ -20,6 +20,9 @@ use quip_protocol::{
 use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 
+/// Socket buffer size asked for each of the tool's UDP sockets (capped by the kernel).
+const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
 /// Bytes read from a stream at once.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -57,8 +60,18 @@ impl Target {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
+        let connect = |e: std::io::Error| ConnError::Connect(e.to_string());
+        let socket = std::net::UdpSocket::bind(bind).map_err(connect)?;
+        // The tool's sockets each carry many connections: large buffers, so that the tool
+        // does not drop its own packets in a burst and bill the daemon for the retransmits.
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(connect)?;
+        let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+        let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| ConnError::Connect("no async runtime".into()))?;
         let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ConnError::Connect(e.to_string()))?;
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(connect)?;
         endpoint.set_default_client_config(self.quic_config()?);
         Ok(endpoint)
     }
