@@ -34,39 +34,70 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 type Reply = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 
 /// Serves one incoming connection until it closes or the server shuts down.
-pub async fn serve(
+pub fn serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
     shutdown: watch::Receiver<bool>,
-) {
+) -> impl Future<Output = ()> + Send {
     let remote = incoming.remote_address();
-    let _connection = crate::metrics::connection();
+    let connection = crate::metrics::connection();
+    // The handshake and the Hello are boxed: their futures (and the incoming packet) are large
+    // and live only until the session starts, and unboxed they would stay part of the task
+    // every idle connection keeps for its whole life.
+    let starting = Box::pin(start(shared.clone(), incoming, remote));
+    async move {
+        let _connection = connection;
+        if let Some((conn, user, control, revision)) = starting.await {
+            run_session(shared, conn, user, control, revision, remote, shutdown).await;
+        }
+    }
+}
+
+/// The handshake, then `Hello` and `Welcome`: the connection, its user and control stream,
+/// and the session's revision; `None` if the connection did not get that far.
+async fn start(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    remote: std::net::SocketAddr,
+) -> Option<(quinn::Connection, UserName, Control, u16)> {
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             tracing::debug!(%remote, error = %e, "refused connection");
-            return;
+            return None;
         }
     };
     let conn = match tokio::time::timeout(shared.limits.handshake_timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%remote, "handshake timed out");
-            return;
+            return None;
         }
     };
-    let (user, control, revision) = match authenticate(&shared, &conn).await {
-        Ok(session) => session,
+    match authenticate(&shared, &conn).await {
+        Ok((user, control, revision)) => Some((conn, user, control, revision)),
         Err(error) => {
             tracing::warn!(%remote, code = %error.code, "authentication failed: {}", error.message);
             close(&conn, &error);
-            return;
+            None
         }
-    };
+    }
+}
+
+/// An authenticated session, until it ends.
+async fn run_session(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    user: UserName,
+    control: Control,
+    revision: u16,
+    remote: std::net::SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
     let _session = crate::metrics::GaugeGuard::new(crate::metrics::SESSIONS);
     let span = tracing::info_span!("session", user = %user, %remote);
     let _entered = span.enter();
@@ -408,7 +439,8 @@ impl Session {
                     })
                 })
             }
-            Request::Subscribe { conv, start } => self.subscribe(id, conv, start).await,
+            // Boxed: rare, and its future would otherwise widen every session's task.
+            Request::Subscribe { conv, start } => Box::pin(self.subscribe(id, conv, start)).await,
             Request::Unsubscribe { conv } => {
                 if let Some(stop) = self.subscriptions.remove(&conv) {
                     let _ = stop.send(());
