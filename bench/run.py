@@ -33,16 +33,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = {
     "send-w1-p1": ["send", "-p", "1", "-w", "1", "--duration", "10"],
     "send-w1-p16": ["send", "-p", "16", "-w", "1", "--duration", "10"],
+    "send-w1-p256": ["send", "-p", "256", "-w", "1", "--duration", "10"],
     "send-w64-p4": ["send", "-p", "4", "-w", "64", "--duration", "10"],
     "latency-1k": ["latency", "--rate", "1000", "--duration", "10"],
     "latency-10k": ["latency", "--rate", "10000", "--duration", "10"],
     "fanout-100": ["fanout", "-m", "100", "--messages", "20000", "-w", "256"],
     "connections-10k": ["connections", "-c", "10000", "--hold", "5"],
-    "connections-5k": ["connections", "-c", "5000", "--hold", "3"],
     "replay-100k": ["replay", "--messages", "100000"],
     "typing": ["typing", "-m", "2", "--samples", "2000", "--interval-ms", "1",
                "--duration", "5", "--rate", "5000"],
 }
+
+
+# Not in the table; for comparing builds (--only NAME).
+EXTRA = {
+    "connections-5k": ["connections", "-c", "5000", "--hold", "3"],
+}
+ALL = {**SCENARIOS, **EXTRA}
 
 
 def free_port():
@@ -79,6 +86,10 @@ def run_once(quipd, quip, store, args, workdir, log):
             daemon.kill()
             daemon.wait()
         shutil.rmtree(data, ignore_errors=True)
+        # Let the file system finish with the removed store before the next run measures
+        # its fdatasync floor.
+        os.sync()
+        time.sleep(1)
 
 
 def figure(report, key):
@@ -99,6 +110,9 @@ def figure(report, key):
         return report["figures"].get("load tool CPU %")
     if key == "rss_per_conn":
         return report["figures"].get("daemon RSS per connection, bytes")
+    if key == "store_bytes_per_msg":
+        stored = report["figures"].get("store bytes on disk")
+        return stored / report["operations"] if stored and report["unit"] == "acked sends" else None
     if key == "relayed":
         return report["figures"].get("rate phase: relayed per second")
     raise KeyError(key)
@@ -140,7 +154,7 @@ def main():
         for run in range(opts.runs):
             for store in stores:
                 for variant, quipd in variants:
-                    report = run_once(quipd, opts.quip, store, SCENARIOS[name], out, log)
+                    report = run_once(quipd, opts.quip, store, ALL[name], out, log)
                     report["run"] = {"scenario": name, "variant": variant, "n": run}
                     raw.write(json.dumps(report) + "\n")
                     raw.flush()
@@ -153,7 +167,7 @@ def main():
         print(f"load average at end: {f.read().split()[:3]}", file=sys.stderr)
 
     keys = ["throughput", "p50", "p99", "max", "cpu", "cpu_us_per_op", "tool_cpu", "fdatasync",
-            "udp_rtt_p50", "rss_per_conn", "relayed"]
+            "udp_rtt_p50", "rss_per_conn", "store_bytes_per_msg", "relayed"]
     print("| scenario | store | build | runs | " + " | ".join(keys) + " |")
     print("|" + "---|" * (len(keys) + 4))
     for (name, store, variant), reports in results.items():

@@ -360,13 +360,21 @@ fn quic_config(
     identity: quip_certs::ServerIdentity,
     transport: Arc<quinn::TransportConfig>,
 ) -> anyhow::Result<quinn::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM with SHA-256 first, and chosen whatever the client prefers: its key schedule
+    // runs on the CPU's SHA extensions where SHA-384's does not (a sixth of a handshake's CPU
+    // went to SHA-512 blocks), and every packet is encrypted with 10 AES rounds instead of 14.
+    // It is a standard TLS 1.3 suite, the one QUIC's Initial packets use anyway.
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)
         .context("loading the server certificate")?;
     tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
+    tls.ignore_client_order = true;
     // No 0-RTT: early data can be replayed, and a replayed send must never be accepted.
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;

@@ -216,6 +216,13 @@ pub async fn run(args: BenchArgs, server: &str, ca: &Path) -> anyhow::Result<Rep
                 .into(),
         );
     }
+    if let Some(bytes) = args
+        .data
+        .as_deref()
+        .and_then(|d| dir_bytes(&d.join("store")).ok())
+    {
+        figures.insert("store bytes on disk".into(), bytes.into());
+    }
     if let Some(tool) = &ctx.tool_usage {
         figures.insert("load tool CPU %".into(), tool.cpu_percent.into());
     }
@@ -246,6 +253,21 @@ pub async fn run(args: BenchArgs, server: &str, ca: &Path) -> anyhow::Result<Rep
         bail!("the run's checks failed: {:?}", report.checks);
     }
     Ok(report)
+}
+
+/// Bytes the files under `dir` take (their lengths, summed).
+fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
 }
 
 async fn resolve_target(server: &str, ca_file: &Path) -> anyhow::Result<Target> {
