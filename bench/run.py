@@ -4,7 +4,7 @@
 Every run gets a fresh daemon on a fresh data directory (so no run inherits another's store),
 started with bench/quipd-bench.toml, which lifts the per-connection datagram limits and the
 connection cap and logs warnings only. Runs of different variants are interleaved (A B A B ...),
-so that a machine whose load changes during the session shifts every variant alike.
+so that a machine whose load changes meanwhile shifts every variant alike.
 
     cargo build --release
     bench/run.py                        # the whole table, 3 runs each, sled and fjall
@@ -52,6 +52,24 @@ EXTRA = {
 ALL = {**SCENARIOS, **EXTRA}
 
 
+# The targets: (scenario, store or None for each, what, figure, comparison, goal).
+TARGETS = [
+    ("send-w1-p1", None, "acks/s over the fdatasync floor", "floor_ratio", ">=", 0.5),
+    ("send-w1-p16", "sled", "acks/s over the fdatasync floor", "floor_ratio", ">=", 3.5),
+    ("send-w1-p16", "fjall", "acks/s over the fdatasync floor", "floor_ratio", ">=", 7.0),
+    ("send-w64-p4", "sled", "durable acks/s", "throughput", ">=", 50_000),
+    ("send-w64-p4", "fjall", "durable acks/s", "throughput", ">=", 100_000),
+    ("latency-1k", None, "p50 µs", "p50", "<=", 1000),
+    ("latency-1k", None, "p99 µs", "p99", "<=", 5000),
+    ("latency-10k", None, "p50 µs", "p50", "<=", 1000),
+    ("latency-10k", None, "p99 µs", "p99", "<=", 5000),
+    ("fanout-100", None, "deliveries/s", "throughput", ">=", 500_000),
+    ("connections-10k", None, "daemon RSS per connection, bytes", "rss_per_conn", "<=", 16384),
+    ("connections-10k", None, "new authenticated connections/s", "throughput", ">=", 2000),
+    ("replay-100k", None, "catch-up messages/s", "throughput", ">=", 300_000),
+]
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -97,12 +115,18 @@ def figure(report, key):
         return report["throughput_per_sec"]
     if key in ("p50", "p99", "p999", "max"):
         return report["latency"][f"{key}_us"]
+    if key == "floor_ratio":
+        return report["throughput_per_sec"] / report["floors"]["fdatasync_per_sec"]
     if key == "fdatasync":
         return report["floors"]["fdatasync_per_sec"]
     if key == "udp_rtt_p50":
         return report["floors"]["udp_rtt"]["p50_us"]
     if key == "cpu":
         return (report.get("daemon") or {}).get("cpu_percent")
+    if key == "load":
+        return report["run"]["loadavg_1min_before"]
+    if key == "runq_wait":
+        return (report.get("daemon") or {}).get("run_queue_wait_ms_per_sec")
     if key == "cpu_us_per_op":
         daemon = report.get("daemon")
         return daemon and 1e6 * daemon["cpu_seconds"] / max(report["operations"], 1)
@@ -154,8 +178,11 @@ def main():
         for run in range(opts.runs):
             for store in stores:
                 for variant, quipd in variants:
+                    with open("/proc/loadavg") as f:
+                        load = float(f.read().split()[0])
                     report = run_once(quipd, opts.quip, store, ALL[name], out, log)
-                    report["run"] = {"scenario": name, "variant": variant, "n": run}
+                    report["run"] = {"scenario": name, "variant": variant, "n": run,
+                                     "loadavg_1min_before": load}
                     raw.write(json.dumps(report) + "\n")
                     raw.flush()
                     results.setdefault((name, store, variant), []).append(report)
@@ -166,8 +193,9 @@ def main():
     with open("/proc/loadavg") as f:
         print(f"load average at end: {f.read().split()[:3]}", file=sys.stderr)
 
-    keys = ["throughput", "p50", "p99", "max", "cpu", "cpu_us_per_op", "tool_cpu", "fdatasync",
-            "udp_rtt_p50", "rss_per_conn", "store_bytes_per_msg", "relayed"]
+    keys = ["throughput", "p50", "p99", "max", "cpu", "cpu_us_per_op", "runq_wait", "tool_cpu",
+            "fdatasync",
+            "udp_rtt_p50", "rss_per_conn", "store_bytes_per_msg", "relayed", "load"]
     print("| scenario | store | build | runs | " + " | ".join(keys) + " |")
     print("|" + "---|" * (len(keys) + 4))
     for (name, store, variant), reports in results.items():
@@ -176,6 +204,22 @@ def main():
             m = median([figure(r, key) for r in reports])
             cells.append("" if m is None else f"{m:.2f}" if m < 10 else f"{m:.0f}")
         print(f"| {name} | {store} | {variant} | {len(reports)} | " + " | ".join(cells) + " |")
+
+    print()
+    print("| target | store | build | figure | median | goal | met | by |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, only, what, key, op, goal in TARGETS:
+        for (scenario, store, variant), reports in results.items():
+            if scenario != name or (only and store != only):
+                continue
+            m = median([figure(r, key) for r in reports])
+            if m is None:
+                continue
+            met = m >= goal if op == ">=" else m <= goal
+            by = m / goal if op == ">=" else goal / m
+            shown = f"{m:.2f}" if m < 10 else f"{m:.0f}"
+            print(f"| {name} | {store} | {variant} | {what} | {shown} | {op} {goal:g} | "
+                  f"{'met' if met else 'not met'} | {by:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ pub struct ProcSample {
     pub at: Instant,
     /// User + system CPU time.
     pub cpu: Duration,
+    /// Time the process's threads spent runnable but waiting for a CPU (from
+    /// `/proc/PID/task/*/schedstat`): how much other work on the machine delayed it.
+    pub run_queue_wait: Duration,
     pub rss_bytes: u64,
 }
 
@@ -60,8 +63,23 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     Some(ProcSample {
         at,
         cpu,
+        run_queue_wait: run_queue_wait(pid),
         rss_bytes: rss_kib * 1024,
     })
+}
+
+/// The summed run-queue wait of a process's threads (threads that ended are not counted).
+fn run_queue_wait(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// The daemon's use of the machine during a run.
@@ -71,6 +89,9 @@ pub struct DaemonUsage {
     pub cpu_seconds: f64,
     /// CPU time over wall time, in percent of one core (200 = two cores busy).
     pub cpu_percent: f64,
+    /// Milliseconds per second that the process's threads waited, runnable, for a CPU taken
+    /// by something else (other processes, or each other): latency no code change removes.
+    pub run_queue_wait_ms_per_sec: f64,
     pub rss_start_bytes: u64,
     pub rss_end_bytes: u64,
     pub rss_peak_bytes: u64,
@@ -119,6 +140,12 @@ impl DaemonMonitor {
             pid: self.pid,
             cpu_seconds: cpu,
             cpu_percent: 100.0 * cpu / wall,
+            run_queue_wait_ms_per_sec: 1000.0
+                * end
+                    .run_queue_wait
+                    .saturating_sub(self.start.run_queue_wait)
+                    .as_secs_f64()
+                / wall,
             rss_start_bytes: self.start.rss_bytes,
             rss_end_bytes: end.rss_bytes,
             rss_peak_bytes: self.peak.load(Ordering::Relaxed).max(end.rss_bytes),

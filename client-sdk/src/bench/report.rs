@@ -147,7 +147,10 @@ impl Report {
             Some(d) => {
                 row(
                     "daemon CPU",
-                    format!("{:.0}% of one core ({:.2} s)", d.cpu_percent, d.cpu_seconds),
+                    format!(
+                        "{:.0}% of one core ({:.2} s); waited {:.0} ms/s for a CPU",
+                        d.cpu_percent, d.cpu_seconds, d.run_queue_wait_ms_per_sec
+                    ),
                 );
                 row(
                     "daemon RSS",
