@@ -27,6 +27,7 @@
 //! while the user types, [`TypingTracker`] expires indicators by their TTL, and
 //! [`Client::presence`] asks for a reliable snapshot to start from.
 
+pub mod bench;
 mod client;
 mod config;
 mod ephemeral;

@@ -641,18 +641,21 @@ mod tests {
 
     #[test]
     fn every_example_config_parses() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let file = ConfigFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
-                file.into_server_config(&Overrides::default())
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                seen += 1;
+        // The operators' example, and the settings the benchmarks run with.
+        for folder in ["../systemd", "../bench"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(folder);
+            let mut seen = 0;
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let file = ConfigFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    file.into_server_config(&Overrides::default())
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    seen += 1;
+                }
             }
+            assert!(seen > 0, "no example config in {}", dir.display());
         }
-        assert!(seen > 0, "no example config in {}", dir.display());
     }
 
     #[test]

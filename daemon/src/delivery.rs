@@ -8,15 +8,23 @@
 //! a wait or the daemon a growing queue.
 //!
 //! Receipt cursors (revision 2) ride along outside the sequence: every member's right after
-//! `Start` (`Opened`), then each change. They come from a `watch` of the conversation's durable receipts,
-//! which holds only the latest value, so a slow reader gets the newest cursors, never a backlog.
+//! `Start` (`Opened`), then each change. They come from a `watch` of the conversation's durable
+//! receipts, which holds only the latest value, so a slow reader gets the newest cursors, never a
+//! backlog.
+//!
+//! A live event is encoded once per protocol revision in use, by the first delivery task that
+//! needs it ([`LiveEvent`]); every other subscriber copies those bytes. Replayed events are
+//! encoded into the stream's write buffer directly. Neither path copies the event itself unless
+//! a revision-1 session must see a newer kind as `Unsupported`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use quip_protocol::{
-    ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, Receipt,
-    RequestId, Seq, UserName,
+    encode_frame_into, ConversationId, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event,
+    EventBody, EventFrame, Receipt, RequestId, Seq, UserName,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -28,6 +36,63 @@ use crate::wire::push_frame;
 const REPLAY_PAGE: usize = 256;
 /// Bytes gathered before one stream write.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// A durable event on a conversation's live feed, with its `DeliveryFrame::Event` bytes made
+/// at most once per protocol revision and shared by every subscriber of that revision: a
+/// message to a hundred members is encoded once, not a hundred times.
+#[derive(Debug)]
+pub struct LiveEvent {
+    event: Event,
+    /// Index `r - 1` holds the frame for sessions of revision `r`.
+    frames: [OnceLock<Option<Bytes>>; quip_protocol::REVISION as usize],
+}
+
+impl LiveEvent {
+    pub fn new(event: Event) -> Self {
+        LiveEvent {
+            event,
+            frames: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// The encoded frame for a session of `revision`; `None` if it cannot be encoded within
+    /// `max_frame_len` (the server-wide limit, the same for every caller).
+    pub fn frame(&self, revision: u16, max_frame_len: u32) -> Option<Bytes> {
+        let encode = || {
+            let mut out = Vec::new();
+            match encode_frame_into(
+                &EventFrame(&for_revision(&self.event, revision)),
+                &mut out,
+                max_frame_len,
+            ) {
+                Ok(()) => Some(Bytes::from(out)),
+                Err(e) => {
+                    tracing::error!(error = %e, seq = %self.event.seq, "cannot encode an event");
+                    None
+                }
+            }
+        };
+        match self.frames.get(usize::from(revision).wrapping_sub(1)) {
+            Some(cell) => cell.get_or_init(encode).clone(),
+            None => encode(),
+        }
+    }
+}
+
+/// The event as a session of `revision` may see it: a kind added by a later revision is shown
+/// to older sessions as `EventBody::Unsupported { kind }`, so that they still receive its seq
+/// (SPEC section 11).
+fn for_revision(event: &Event, revision: u16) -> Cow<'_, Event> {
+    if event.body.revision() <= revision {
+        Cow::Borrowed(event)
+    } else {
+        Cow::Owned(event.clone().for_revision(revision))
+    }
+}
 
 /// What a delivery task needs.
 #[derive(Debug)]
@@ -177,7 +242,7 @@ impl Cursor {
     /// Replays up to `head`, then follows the live feed until delivery ends.
     async fn deliver(
         &mut self,
-        mut live: broadcast::Receiver<Arc<Event>>,
+        mut live: broadcast::Receiver<Arc<LiveEvent>>,
         head: Seq,
     ) -> Result<Ended, DeliveryError> {
         if let Some(ended) = self.replay(head).await? {
@@ -251,9 +316,14 @@ impl Cursor {
         Ok(())
     }
 
-    /// Encodes `event` if it is the next one; says whether it ends delivery. A seq that is not
-    /// the next one is a broken store, never skipped.
-    fn write(&mut self, event: &Event) -> Result<Option<Ended>, DeliveryError> {
+    /// Encodes `event` if it is the next one (or copies its shared frame, for a live event);
+    /// says whether it ends delivery. A seq that is not the next one is a broken store, never
+    /// skipped.
+    fn write(
+        &mut self,
+        event: &Event,
+        shared: Option<&LiveEvent>,
+    ) -> Result<Option<Ended>, DeliveryError> {
         if event.seq <= self.at {
             return Ok(None);
         }
@@ -264,9 +334,23 @@ impl Cursor {
             ))
             .into());
         }
-        self.push(&DeliveryFrame::Event(
-            event.clone().for_revision(self.revision),
-        ));
+        match shared {
+            // An event that cannot be encoded is never skipped: the stream ends instead.
+            Some(live) => match live.frame(self.revision, self.max_frame_len) {
+                Some(frame) => self.out.extend_from_slice(&frame),
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "conversation {}: seq {} cannot be encoded",
+                        self.conv, event.seq
+                    ))
+                    .into())
+                }
+            },
+            None => {
+                let event = for_revision(event, self.revision);
+                push_frame(&mut self.out, &EventFrame(&event), self.max_frame_len);
+            }
+        }
         self.at = event.seq;
         Ok(match &event.body {
             EventBody::MemberRemoved { user } if *user == self.user && event.seq > self.joined => {
@@ -303,7 +387,7 @@ impl Cursor {
             }
             metrics::counter!(crate::metrics::REPLAYED_EVENTS).increment(page.len() as u64);
             for event in &page {
-                if let Some(ended) = self.write(event)? {
+                if let Some(ended) = self.write(event, None)? {
                     return Ok(Some(ended));
                 }
             }
@@ -316,23 +400,24 @@ impl Cursor {
     /// live events are already queued behind it.
     async fn on_live(
         &mut self,
-        mut event: Arc<Event>,
-        live: &mut broadcast::Receiver<Arc<Event>>,
+        mut live_event: Arc<LiveEvent>,
+        live: &mut broadcast::Receiver<Arc<LiveEvent>>,
     ) -> Result<Option<Ended>, DeliveryError> {
         loop {
+            let event = live_event.event();
             if event.seq > self.at.next() {
                 if let Some(ended) = self.replay(Seq(event.seq.0 - 1)).await? {
                     return Ok(Some(ended));
                 }
             }
-            if let Some(ended) = self.write(&event)? {
+            if let Some(ended) = self.write(event, Some(&live_event))? {
                 return Ok(Some(ended));
             }
             if self.out.len() >= WRITE_BATCH_BYTES {
                 return Ok(None);
             }
             match live.try_recv() {
-                Ok(next) => event = next,
+                Ok(next) => live_event = next,
                 Err(_) => return Ok(None),
             }
         }

@@ -14,6 +14,12 @@ use quipd::store::{backup, BackendKind};
 use quipd::{Server, ServerConfig};
 use sd_notify::NotifyState;
 
+/// mimalloc rather than the system allocator: the store engines and the message path make
+/// many small, short-lived allocations, and glibc's malloc spent about a fifth of the daemon's
+/// CPU on them under load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "quipd", version, about = "The quip messaging daemon")]
 struct Cli {

@@ -40,42 +40,93 @@ type Reply = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
 
 /// Serves one incoming connection until it closes or the server shuts down. `pending` holds
 /// the connection's place among those not yet authenticated (what decides QUIC Retry).
-pub async fn serve(
+pub fn serve(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
     pending: Pending,
     shutdown: watch::Receiver<bool>,
-) {
+) -> impl Future<Output = ()> + Send {
     let remote = incoming.remote_address();
-    let _connection = crate::metrics::connection();
+    let connection = crate::metrics::connection();
+    // The handshake and the Hello are boxed: their futures (and the incoming packet) are large
+    // and live only until the session starts, and unboxed they would stay part of the task
+    // every idle connection keeps for its whole life.
+    let starting = Box::pin(start(shared.clone(), incoming, pending, remote));
+    async move {
+        let _connection = connection;
+        if let Some(started) = starting.await {
+            run_session(shared, started, remote, shutdown).await;
+        }
+    }
+}
+
+/// A connection that completed its handshake and `Hello`.
+struct Started {
+    conn: quinn::Connection,
+    user: UserName,
+    admission: Admission,
+    control: Control,
+    /// The session's protocol revision.
+    revision: u16,
+}
+
+/// The handshake, then `Hello` and `Welcome`; `None` if the connection did not get that far.
+async fn start(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    pending: Pending,
+    remote: std::net::SocketAddr,
+) -> Option<Started> {
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             tracing::debug!(%remote, error = %e, "refused connection");
-            return;
+            return None;
         }
     };
     let conn = match tokio::time::timeout(shared.limits.handshake_timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%remote, "handshake timed out");
-            return;
+            return None;
         }
     };
     let authenticated = authenticate(&shared, &conn).await;
     drop(pending);
-    let (user, admission, control, revision) = match authenticated {
-        Ok(session) => session,
+    match authenticated {
+        Ok((user, admission, control, revision)) => Some(Started {
+            conn,
+            user,
+            admission,
+            control,
+            revision,
+        }),
         Err(error) => {
             tracing::warn!(%remote, code = %error.code, "authentication failed: {}", error.message);
             close(&conn, &error);
-            return;
+            None
         }
-    };
+    }
+}
+
+/// An authenticated session, until it ends.
+async fn run_session(
+    shared: Arc<Shared>,
+    started: Started,
+    remote: std::net::SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Started {
+        conn,
+        user,
+        admission,
+        control,
+        revision,
+    } = started;
     let _session = crate::metrics::GaugeGuard::new(crate::metrics::SESSIONS);
     let span = tracing::info_span!("session", user = %user, %remote);
     let _entered = span.enter();
@@ -187,7 +238,7 @@ async fn authenticate(
         }
     };
     // What this server sends a session is filtered by its revision: newer events become
-    // `Unsupported`, newer frames and answers are not sent at all.
+    // `Unsupported` (`delivery::for_revision`), newer frames and answers are not sent at all.
     let revision = revision.min(quip_protocol::REVISION);
     let found = if token.is_empty() {
         match peer_certificate(conn) {
@@ -316,7 +367,7 @@ struct Session {
     shared: Arc<Shared>,
     conn: quinn::Connection,
     user: UserName,
-    /// The session's protocol revision (see `Welcome`).
+    /// The protocol revision of the session, agreed in Hello and Welcome.
     revision: u16,
     /// This connection, as the presence actor knows it.
     device: DeviceId,
@@ -661,7 +712,8 @@ impl Session {
                     Ok(Response::Inbox { conversations })
                 })
             }
-            Request::Subscribe { conv, start } => self.subscribe(id, conv, start).await,
+            // Boxed: rare, and its future would otherwise widen every session's task.
+            Request::Subscribe { conv, start } => Box::pin(self.subscribe(id, conv, start)).await,
             Request::Unsubscribe { conv } => {
                 if let Some(stop) = self.subscriptions.remove(&conv) {
                     let _ = stop.send(());

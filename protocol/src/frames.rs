@@ -346,6 +346,20 @@ pub enum DeliveryFrame {
     },
 }
 
+/// `DeliveryFrame::Event` around a borrowed event: encodes to exactly the bytes of the owned
+/// frame (variant index 1, then the event), without copying the event into a frame first. A
+/// server encodes an event once this way and sends the bytes to every subscriber.
+#[derive(Clone, Copy, Debug)]
+pub struct EventFrame<'a>(pub &'a Event);
+
+impl Serialize for EventFrame<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// `DeliveryFrame::Event`'s variant index: `Start` is 0, `Event` 1, `End` 2.
+        const EVENT_VARIANT: u32 = 1;
+        serializer.serialize_newtype_variant("DeliveryFrame", EVENT_VARIANT, "Event", self.0)
+    }
+}
+
 /// One entry of a conversation's sequence.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {

@@ -36,18 +36,37 @@ impl FrameError {
 
 /// Encodes one frame: length prefix and postcard body.
 pub fn encode_frame<T: Serialize>(value: &T, max_len: u32) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; LENGTH_PREFIX_LEN];
-    let mut out = postcard::to_extend(value, std::mem::take(&mut out))
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let body_len = out.len() - LENGTH_PREFIX_LEN;
+    let mut out = Vec::new();
+    encode_frame_into(value, &mut out, max_len)?;
+    Ok(out)
+}
+
+/// Appends one frame to `out`, so that many frames share one buffer (and one stream write)
+/// without an allocation each. On error `out` is left as it was.
+pub fn encode_frame_into<T: Serialize>(
+    value: &T,
+    out: &mut Vec<u8>,
+    max_len: u32,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; LENGTH_PREFIX_LEN]);
+    let encoded = postcard::to_extend(value, std::mem::take(out));
+    let mut buf = match encoded {
+        Ok(buf) => buf,
+        Err(e) => return Err(FrameError::Malformed(e.to_string())),
+    };
+    let body_len = buf.len() - start - LENGTH_PREFIX_LEN;
     if body_len as u64 > u64::from(max_len) {
+        buf.truncate(start);
+        *out = buf;
         return Err(FrameError::TooLarge {
             len: body_len as u64,
             max: max_len,
         });
     }
-    out[..LENGTH_PREFIX_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
-    Ok(out)
+    buf[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
+    *out = buf;
+    Ok(())
 }
 
 /// Decodes one postcard body, rejecting bytes left over after the value.

@@ -20,10 +20,12 @@ pub use datagrams::{
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use frames::{
-    ClientFrame, ConversationSummary, DeliveryFrame, Event, EventBody, InboxEntry, MessageState,
-    Position, Reaction, Receipt, Request, Response, ServerFrame, StartAt,
+    ClientFrame, ConversationSummary, DeliveryFrame, Event, EventBody, EventFrame, InboxEntry,
+    MessageState, Position, Reaction, Receipt, Request, Response, ServerFrame, StartAt,
 };
-pub use framing::{decode_exact, encode_frame, FrameDecoder, FrameError, LENGTH_PREFIX_LEN};
+pub use framing::{
+    decode_exact, encode_frame, encode_frame_into, FrameDecoder, FrameError, LENGTH_PREFIX_LEN,
+};
 pub use ids::{ClientMessageId, ConversationId, Epoch, RequestId, Seq, UserName};
 
 /// The ALPN protocol id of this version. Carried in the TLS handshake; a server and a client that

@@ -26,10 +26,11 @@ use quip_protocol::limits::{
     MAX_TOKEN_LEN,
 };
 use quip_protocol::{
-    decode_exact, encode_frame, ClientFrame, ClientMessageId, ConversationId, ConversationSummary,
-    DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, FrameDecoder, FrameError,
-    InboxEntry, MessageState, Position, PresenceInfo, PresenceState, Reaction, Receipt, Request,
-    RequestId, Response, Seq, ServerFrame, StartAt, UserName, LENGTH_PREFIX_LEN,
+    decode_exact, encode_frame, encode_frame_into, ClientFrame, ClientMessageId, ConversationId,
+    ConversationSummary, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event, EventBody, EventFrame,
+    FrameDecoder, FrameError, InboxEntry, MessageState, Position, PresenceInfo, PresenceState,
+    Reaction, Receipt, Request, RequestId, Response, Seq, ServerFrame, StartAt, UserName,
+    LENGTH_PREFIX_LEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -2259,4 +2260,51 @@ proptest! {
             Err(ErrorCode::INVALID_REQUEST)
         );
     }
+}
+
+// The borrowed encodings a server uses on its hot paths produce the owned frames' bytes.
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn event_frame_encodes_as_the_owned_delivery_frame(event in event()) {
+        let owned = encode_frame(&DeliveryFrame::Event(event.clone()), MAX_FRAME_LEN).unwrap();
+        let borrowed = encode_frame(&EventFrame(&event), MAX_FRAME_LEN).unwrap();
+        prop_assert_eq!(&borrowed, &owned);
+        let back: DeliveryFrame = decode_exact(&borrowed[LENGTH_PREFIX_LEN..]).unwrap();
+        prop_assert_eq!(back, DeliveryFrame::Event(event));
+    }
+
+    #[test]
+    fn frames_encoded_into_one_buffer_are_the_frames_one_after_another(
+        frames in vec(delivery_frame(), 0..8)
+    ) {
+        let mut joined = b"left alone".to_vec();
+        let mut expected = joined.clone();
+        for frame in &frames {
+            encode_frame_into(frame, &mut joined, MAX_FRAME_LEN).unwrap();
+            expected.extend_from_slice(&encode_frame(frame, MAX_FRAME_LEN).unwrap());
+        }
+        prop_assert_eq!(joined, expected);
+    }
+}
+
+#[test]
+fn a_frame_too_large_for_the_buffer_leaves_it_unchanged() {
+    let mut buf = b"earlier frames".to_vec();
+    let event = Event {
+        seq: Seq(1),
+        sender: name("alice"),
+        at_ms: 0,
+        body: EventBody::Message {
+            id: ClientMessageId([1; 16]),
+            text: "x".repeat(100),
+        },
+    };
+    let err = encode_frame_into(&EventFrame(&event), &mut buf, 64).unwrap_err();
+    assert!(
+        matches!(err, FrameError::TooLarge { max: 64, .. }),
+        "{err:?}"
+    );
+    assert_eq!(buf, b"earlier frames");
 }

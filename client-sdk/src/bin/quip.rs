@@ -139,6 +139,8 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Load-test a server: quip bench send|latency|fanout|connections|replay|typing.
+    Bench(quip_client::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,6 +204,13 @@ async fn connect(conn: &Connection) -> Result<Client, ClientError> {
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
+    if let Command::Bench(args) = cli.command {
+        // The load tool makes its own users and connections.
+        return quip_client::bench::run(args, &cli.conn.server, &cli.conn.ca)
+            .await
+            .map(drop)
+            .map_err(|e| ClientError::Config(format!("{e:#}")));
+    }
     let client = connect(&cli.conn).await?;
     let mut stdout = std::io::stdout().lock();
     match cli.command {
@@ -356,6 +365,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 None => tail.run_plain(&mut subscription, &mut stdout).await?,
             }
         }
+        Command::Bench(_) => unreachable!("handled before connecting"),
         Command::Typing { conv, seconds } => {
             let until = Instant::now() + Duration::from_secs(seconds);
             while Instant::now() < until {

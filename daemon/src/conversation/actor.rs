@@ -24,6 +24,7 @@ use super::typing::TypingBoard;
 use super::{
     store_error, Command, Memberships, Sent, Services, Subscription, Typing, View, LIVE_BUFFER,
 };
+use crate::delivery::LiveEvent;
 use crate::presence::{EphemeralStats, Relay};
 use crate::push::Arrival;
 use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError, WriteBatch};
@@ -129,7 +130,8 @@ struct ConversationActor {
     /// The conversation's state as of `durable`: who may read. The sequencer's record runs
     /// ahead of it by the membership changes not yet durable, which must not grant reading.
     visible: ConversationRecord,
-    live: broadcast::Sender<Arc<Event>>,
+    /// Durable events for live delivery, each encoded once for all subscribers.
+    live: broadcast::Sender<Arc<LiveEvent>>,
     /// Receipt cursors as assigned (ahead of what is durable, like the sequencer).
     receipts: ReceiptBoard,
     /// Receipt cursors as durable, for the delivery streams.
@@ -564,7 +566,7 @@ impl ConversationActor {
                 waiter.answer(&event);
             }
             // No receiver is fine: nobody is subscribed right now.
-            let _ = self.live.send(Arc::new(event));
+            let _ = self.live.send(Arc::new(LiveEvent::new(event)));
         }
         if staged.receipts_changed || membership_before != self.visible.members {
             self.show_receipts();

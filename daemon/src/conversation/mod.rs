@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quip_protocol::{
-    ClientMessageId, ConversationId, ErrorBody, ErrorCode, Event, EventBody, Seq, UserName,
+    ClientMessageId, ConversationId, ErrorBody, ErrorCode, EventBody, Seq, UserName,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::delivery::LiveEvent;
 use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::push::PushHandle;
 use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError};
@@ -53,7 +54,7 @@ pub struct Sent {
 /// cursors, and changes to them.
 #[derive(Debug)]
 pub struct Subscription {
-    pub live: broadcast::Receiver<Arc<Event>>,
+    pub live: broadcast::Receiver<Arc<LiveEvent>>,
     pub head: Seq,
     pub oldest: Seq,
     pub receipts: watch::Receiver<ReceiptsView>,

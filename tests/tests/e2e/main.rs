@@ -9,6 +9,7 @@
 mod access;
 mod auth;
 mod authorization;
+mod bench;
 mod chat;
 mod cli;
 mod corpus;
