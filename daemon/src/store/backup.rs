@@ -591,3 +591,71 @@ pub fn inspect(path: &Path) -> Result<BackupSummary, BackupError> {
         events,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A backup file of `records`, well formed and with a valid checksum.
+    fn backup_of(path: &Path, records: &[(Vec<u8>, Vec<u8>)]) {
+        let mut out = HashingWriter {
+            inner: File::create(path).unwrap(),
+            hash: Sha256::new(),
+        };
+        let header = postcard::to_stdvec(&Header {
+            schema: SCHEMA_VERSION,
+            epoch: [7; 16],
+            taken_at_ms: 1,
+        })
+        .unwrap();
+        out.write_all(MAGIC).unwrap();
+        write_field(&mut out, &header).unwrap();
+        for (key, value) in records {
+            out.write_all(&[RECORD]).unwrap();
+            write_field(&mut out, key).unwrap();
+            write_field(&mut out, value).unwrap();
+        }
+        out.write_all(&[END]).unwrap();
+        out.write_all(&(records.len() as u64).to_be_bytes())
+            .unwrap();
+        let digest = out.hash.clone().finalize();
+        out.inner.write_all(&digest).unwrap();
+    }
+
+    fn event(conv: u64, seq: u64) -> (Vec<u8>, Vec<u8>) {
+        let event = StoredEvent {
+            sender: "alice".parse().unwrap(),
+            at_ms: seq,
+            body: quip_protocol::EventBody::Message {
+                id: quip_protocol::ClientMessageId([seq as u8; 16]),
+                text: format!("message {seq}"),
+            },
+        };
+        (
+            keys::event(ConversationId(conv), Seq(seq)).to_vec(),
+            postcard::to_stdvec(&event).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_backup_with_a_gap_is_not_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gap.bak");
+        let store = dir.path().join("store");
+        backup_of(&file, &[event(1, 1), event(1, 2), event(2, 1), event(2, 3)]);
+        let err = restore(&file, &store, BackendKind::Sled).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("conversation 2 has a gap: seq 3 follows 1"),
+            "{err}"
+        );
+        assert!(!store.exists(), "a refused backup must write nothing");
+
+        // Retention may have removed a conversation's start: that is no gap.
+        backup_of(&file, &[event(1, 4), event(1, 5), event(2, 1)]);
+        let summary = restore(&file, &store, BackendKind::Sled).unwrap();
+        assert_eq!(summary.events, 3);
+    }
+}

@@ -470,7 +470,7 @@ impl Store {
         }
         let suspects: Vec<(ConversationId, Seq)> = if unchecked {
             let mut all = Vec::new();
-            for conv in conversation_ids(&*backend)? {
+            for conv in recovery::conversations_with_events(&*backend)? {
                 all.push((conv, Seq(1)));
             }
             all

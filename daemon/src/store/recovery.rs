@@ -64,6 +64,35 @@ pub(super) fn replay(
     Ok(touched)
 }
 
+/// Every conversation that has events, ascending: one short scan per conversation.
+pub(super) fn conversations_with_events(
+    backend: &dyn Backend,
+) -> Result<Vec<ConversationId>, StoreError> {
+    let mut convs = Vec::new();
+    let mut from = vec![keys::CONVSEQ_EVENT];
+    let end = [keys::CONVSEQ_EVENT + 1];
+    loop {
+        let mut next = None;
+        backend.scan(
+            (Bound::Included(from.as_slice()), Bound::Excluded(&end[..])),
+            Order::Ascending,
+            1,
+            &mut |key, _| {
+                next = keys::conv_seq_parts(key).map(|(conv, _)| conv);
+                ControlFlow::Break(())
+            },
+        )?;
+        let Some(conv) = next else {
+            return Ok(convs);
+        };
+        convs.push(conv);
+        match conv.0.checked_add(1) {
+            Some(after) => from = keys::event(ConversationId(after), Seq::ZERO).to_vec(),
+            None => return Ok(convs),
+        }
+    }
+}
+
 /// A conversation whose events stop being gap-free after `keep`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Gap {
