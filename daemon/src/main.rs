@@ -247,6 +247,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    survive_file_size_limit();
     match cli.command {
         Command::Serve {
             config,
@@ -544,13 +545,43 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(server.store(), interval));
     }
+    let store = server.store();
     server
         .run(async {
-            shutdown_signal().await;
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = store.failed() => {
+                    tracing::error!("the store failed a write: stopping, so that a restart recovers what is durable");
+                }
+            }
             notify(&[NotifyState::Stopping]);
         })
         .await;
+    if store.has_failed() {
+        anyhow::bail!(
+            "stopped after a store write failed (is the disk full?); every acknowledged \
+             message is durable, and the next start recovers the store"
+        );
+    }
     Ok(())
+}
+
+/// A write past the file size limit (`RLIMIT_FSIZE`, e.g. `LimitFSIZE=` in a unit or
+/// `prlimit --fsize`) raises SIGXFSZ, whose default action kills the process. With a handler
+/// installed the write fails with EFBIG instead, and the store treats it like a full disk.
+fn survive_file_size_limit() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let xfsz = SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+    match signal(xfsz) {
+        Ok(mut signals) => {
+            tokio::spawn(async move {
+                while signals.recv().await.is_some() {
+                    tracing::error!("a store file reached the file size limit (SIGXFSZ)");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ"),
+    }
 }
 
 /// Tells systemd (when it started us with a notify socket) how the daemon is doing.

@@ -399,7 +399,12 @@ impl Server {
         );
         // Lets the close frames go out.
         let _ = tokio::time::timeout_at(deadline, self.endpoint.wait_idle()).await;
-        // Every commit queued before this one is durable once it is.
+        // Every commit queued before this one is durable once it is. A failed store writes
+        // nothing more (not even a final checkpoint): what is durable is what a restart finds.
+        if self.shared.store.has_failed() {
+            tracing::error!("the store failed a write; stopped without writing more");
+            return;
+        }
         match tokio::time::timeout_at(deadline, self.shared.store.sync()).await {
             Ok(Ok(())) => tracing::info!("store flushed; stopped"),
             Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),

@@ -165,8 +165,14 @@ impl DaemonProcess {
     }
 
     async fn start_with(toml: Option<&str>) -> DaemonProcess {
+        Self::start_on(None, toml).await
+    }
+
+    /// Like [`DaemonProcess::start_with_config`], with the data directory at `data_dir` (on a
+    /// filesystem of the test's choosing) rather than in the daemon's temporary directory.
+    pub async fn start_on(data_dir: Option<PathBuf>, toml: Option<&str>) -> DaemonProcess {
         let dir = temp_dir();
-        let data_dir = dir.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| dir.path().join("data"));
         let config = toml.map(|toml| {
             let path = dir.path().join("quipd.toml");
             std::fs::write(&path, toml).expect("writing the quipd configuration");
@@ -201,6 +207,24 @@ impl DaemonProcess {
         self.child.as_ref().expect("the daemon is not running").id()
     }
 
+    /// Waits (at most `limit`) for the daemon to exit on its own, and reaps it.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut().expect("the daemon is not running");
+            if let Some(status) = child.try_wait().expect("polling quipd") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "quipd did not exit within {limit:?}; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILLs the daemon and reaps it. No shutdown code runs.
     pub fn kill9(&mut self) {
         let mut child = self
@@ -222,6 +246,15 @@ impl DaemonProcess {
             self.kill9();
         }
         self.spawn_ready(self.addr.port()).await;
+    }
+
+    /// The log of the process started `back` starts before the current one (0: the current).
+    pub fn earlier_log(&self, back: u32) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(format!("quipd-{}.log", self.starts - back));
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// The log (stderr) of the current or last process.

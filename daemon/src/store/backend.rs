@@ -38,8 +38,15 @@ pub enum Order {
     Descending,
 }
 
-/// An embedded engine. Reads may come from any thread; `apply_durably` only ever from the one
-/// store writer thread (see `writer.rs`), which is what makes group commit and backup cuts work.
+/// An embedded engine. Reads may come from any thread; writes only ever from the one store
+/// writer thread (see `writer.rs`), which is what makes group commit and backup cuts work.
+///
+/// The engine is not where a commit becomes durable: the store's log is (`texts.rs`). A write
+/// reaches the engine only after its log frame is fdatasync'd, and the engine is made durable
+/// now and then by [`Backend::checkpoint`]; after a crash or a failed write the store replays
+/// the log frames written since the last checkpoint. So whatever an engine does with a write
+/// that fails (sled may recover part of a batch, fjall 2 may leave a torn journal that cuts off
+/// the batches after it), nothing acknowledged depends on it.
 pub trait Backend: Send + Sync + fmt::Debug {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -53,13 +60,20 @@ pub trait Backend: Send + Sync + fmt::Debug {
         visit: &mut Visitor<'_>,
     ) -> Result<(), StoreError>;
 
-    /// Applies every op, in order, as one atomic write, and returns only once it is durable:
-    /// on disk and fdatasync'd, so that it survives power loss. After a crash either all of it is
-    /// there or none.
-    fn apply_durably(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError>;
+    /// Applies every op, in order, as one write that readers see whole. It need not be durable
+    /// yet: see [`Backend::checkpoint`].
+    fn apply(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError>;
 
-    /// Makes the engine's files tidy for a fast next start (called once, at the end).
-    fn close(&self) -> Result<(), StoreError>;
+    /// Makes every write applied so far durable (on disk and fdatasync'd) in a way that the
+    /// engine's own recovery keeps whole, even if an earlier write failed without saying so.
+    fn checkpoint(&self) -> Result<(), StoreError>;
+
+    /// [`Backend::apply`], then [`Backend::checkpoint`]: for writes made outside the log
+    /// (creating a store, restoring a backup).
+    fn apply_durably(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError> {
+        self.apply(ops)?;
+        self.checkpoint()
+    }
 }
 
 impl dyn Backend + '_ {

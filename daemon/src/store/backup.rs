@@ -90,7 +90,8 @@ impl Cut {
         let texts: &[u8] = &[keys::CONVSEQ_TEXT];
         let past_texts: &[u8] = &[keys::CONVSEQ_TEXT + 1];
         let mut copy = |key: &[u8], value: &[u8]| {
-            if key != keys::META_TEXT_END {
+            // Log positions belong to this store's text log, not to one made from the backup.
+            if key != keys::META_TEXT_END && key != keys::META_CHECKPOINT {
                 records.push((key.to_vec(), value.to_vec()));
             }
             ControlFlow::Continue(())
@@ -200,14 +201,17 @@ impl Snapshot {
                 continue;
             }
             let (first, last) = (keys::event(conv, Seq(1)), keys::event(conv, head));
+            let mut gaps = Gaps::default();
             self.backend.scan(
                 (Bound::Included(&first), Bound::Included(&last)),
                 Order::Ascending,
                 usize::MAX,
                 &mut |key, value| {
-                    let written = self
-                        .with_text(key, value)
-                        .map_err(BackupError::from)
+                    // A gap here is retention removing old events ahead of this scan, or a
+                    // store damaged on disk: either way the file would not restore.
+                    let written = gaps
+                        .check(key)
+                        .and_then(|()| self.with_text(key, value).map_err(BackupError::from))
                         .and_then(|value| put(&mut out, key, &value));
                     match written {
                         Ok(()) => {
@@ -223,6 +227,14 @@ impl Snapshot {
             )?;
             if let Some(e) = failed.take() {
                 return Err(e);
+            }
+            if gaps.last.is_some_and(|(_, last)| last != head) {
+                return Err(BackupError::Format(format!(
+                    "conversation {} ends at seq {} but its head is {}",
+                    conv.0,
+                    gaps.last.map_or(0, |(_, last)| last.0),
+                    head.0
+                )));
             }
         }
         let heads = &self.cut.heads;
@@ -285,6 +297,38 @@ impl Snapshot {
             }
         }
         postcard::to_stdvec(&event).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+/// Checks that the events of each conversation, in key order, are gap-free: a backup holds
+/// every conversation as a gap-free run of seqs (retention may have removed its start). A
+/// backup is refused rather than written with a gap, and a file with one is not restored.
+#[derive(Debug, Default)]
+struct Gaps {
+    last: Option<(ConversationId, Seq)>,
+}
+
+impl Gaps {
+    fn check(&mut self, key: &[u8]) -> Result<(), BackupError> {
+        let Some((conv, seq)) = keys::conv_seq_parts(key) else {
+            return Err(BackupError::Format("an event key is too short".into()));
+        };
+        match self.last {
+            Some((last_conv, last)) if last_conv == conv && seq.0 != last.0 + 1 => {
+                Err(BackupError::Format(format!(
+                    "conversation {} has a gap: seq {} follows {}",
+                    conv.0, seq.0, last.0
+                )))
+            }
+            Some((last_conv, _)) if last_conv > conv => Err(BackupError::Format(format!(
+                "conversation {} comes after conversation {}",
+                conv.0, last_conv.0
+            ))),
+            _ => {
+                self.last = Some((conv, seq));
+                Ok(())
+            }
+        }
     }
 }
 
@@ -434,22 +478,28 @@ pub fn restore(
             store_dir.display()
         )));
     }
-    read_backup(backup, |_, _| Ok(()))?;
+    let mut gaps = Gaps::default();
+    read_backup(backup, |key, _| {
+        if key.first() == Some(&keys::CONVSEQ_EVENT) {
+            gaps.check(&key)?;
+        }
+        Ok(())
+    })?;
 
     let opened = backend::open(store_dir, kind, 16 * 1024 * 1024, Arc::default())?;
     let engine = opened.backend;
-    let texts = TextLog::open(store_dir, 0)?;
+    let (texts, _) = TextLog::open(store_dir, 0)?;
     let mut batch = WriteBatch::new();
     let mut records = 0u64;
     let mut events = 0u64;
     // Texts are appended to the log and made durable before the engine batch that points at them.
     let flush = |batch: &mut WriteBatch| -> Result<(), StoreError> {
         texts.sync()?;
-        batch.put_raw(keys::META_TEXT_END, &texts.end().to_be_bytes());
+        batch.put_raw(keys::META_CHECKPOINT, &texts.end().to_be_bytes());
         engine.apply_durably(&mut std::mem::take(batch).iter())
     };
     let header = read_backup(backup, |key, value| {
-        if key == keys::META_EPOCH || key == keys::META_TEXT_END {
+        if key == keys::META_EPOCH || key == keys::META_TEXT_END || key == keys::META_CHECKPOINT {
             return Ok(());
         }
         records += 1;
@@ -478,7 +528,6 @@ pub fn restore(
     batch.put_raw(keys::META_EPOCH, &epoch.0);
     batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
     flush(&mut batch)?;
-    engine.close()?;
     Ok(RestoreSummary {
         backup_epoch: Epoch(header.epoch),
         epoch,
@@ -541,4 +590,72 @@ pub fn inspect(path: &Path) -> Result<BackupSummary, BackupError> {
         conversations,
         events,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A backup file of `records`, well formed and with a valid checksum.
+    fn backup_of(path: &Path, records: &[(Vec<u8>, Vec<u8>)]) {
+        let mut out = HashingWriter {
+            inner: File::create(path).unwrap(),
+            hash: Sha256::new(),
+        };
+        let header = postcard::to_stdvec(&Header {
+            schema: SCHEMA_VERSION,
+            epoch: [7; 16],
+            taken_at_ms: 1,
+        })
+        .unwrap();
+        out.write_all(MAGIC).unwrap();
+        write_field(&mut out, &header).unwrap();
+        for (key, value) in records {
+            out.write_all(&[RECORD]).unwrap();
+            write_field(&mut out, key).unwrap();
+            write_field(&mut out, value).unwrap();
+        }
+        out.write_all(&[END]).unwrap();
+        out.write_all(&(records.len() as u64).to_be_bytes())
+            .unwrap();
+        let digest = out.hash.clone().finalize();
+        out.inner.write_all(&digest).unwrap();
+    }
+
+    fn event(conv: u64, seq: u64) -> (Vec<u8>, Vec<u8>) {
+        let event = StoredEvent {
+            sender: "alice".parse().unwrap(),
+            at_ms: seq,
+            body: quip_protocol::EventBody::Message {
+                id: quip_protocol::ClientMessageId([seq as u8; 16]),
+                text: format!("message {seq}"),
+            },
+        };
+        (
+            keys::event(ConversationId(conv), Seq(seq)).to_vec(),
+            postcard::to_stdvec(&event).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_backup_with_a_gap_is_not_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gap.bak");
+        let store = dir.path().join("store");
+        backup_of(&file, &[event(1, 1), event(1, 2), event(2, 1), event(2, 3)]);
+        let err = restore(&file, &store, BackendKind::Sled).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("conversation 2 has a gap: seq 3 follows 1"),
+            "{err}"
+        );
+        assert!(!store.exists(), "a refused backup must write nothing");
+
+        // Retention may have removed a conversation's start: that is no gap.
+        backup_of(&file, &[event(1, 4), event(1, 5), event(2, 1)]);
+        let summary = restore(&file, &store, BackendKind::Sled).unwrap();
+        assert_eq!(summary.events, 3);
+    }
 }

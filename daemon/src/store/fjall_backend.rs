@@ -1,11 +1,16 @@
 //! The fjall engine: an LSM tree whose writes go first to a journal (write-ahead log).
 //!
-//! Durability: a write batch is committed with `durability(Some(PersistMode::SyncData))`, so
-//! fjall writes the batch to its journal, flushes its buffer and fdatasyncs the journal file
-//! *before* the batch is applied to the memtable and becomes visible. An ack therefore still
-//! means fdatasync'd, and a reader never sees a write that is not durable. fjall fsyncs the
-//! journal directory itself when it starts a new journal file. Journal persistence is manual
-//! (no background fsync thread): the store writer is the only one that makes writes durable.
+//! Durability: fjall's journal is not where a commit becomes durable. fjall 2 (2.11) ignores
+//! the error of the journal write in `Batch::commit` (`let _ = journal_writer.write_batch(..)`,
+//! upstream issue #304, fixed in fjall 3, which needs a newer Rust than the workspace's): a
+//! write that fails half way (a full disk) leaves a partial batch in the journal, the batch is
+//! still applied, and when the fdatasync that follows succeeds it is reported durable. Every
+//! later batch goes after the partial one, and on the next open fjall's journal recovery stops
+//! at the partial batch: every batch after it is gone, acknowledged or not. So batches are
+//! applied without journal durability, and a checkpoint makes them durable the way fjall's
+//! recovery cannot lose: it seals the memtable and waits until fjall has flushed every sealed
+//! memtable into segments and dropped their journals. Between checkpoints the store's log
+//! (`texts.rs`) holds every commit; the store replays it on open.
 //!
 //! fjall 2 takes no lock on its directory, so the store's own lock file (`backend.rs`) is what
 //! keeps a second process out. Version 2 rather than 3: fjall 3 needs Rust 1.90, above the
@@ -15,8 +20,9 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use fjall::{PartitionCreateOptions, PersistMode};
+use fjall::PartitionCreateOptions;
 
 use super::backend::{Backend, KeyRange, Op, Order, Visitor};
 use super::writer::WriterStats;
@@ -24,6 +30,8 @@ use super::StoreError;
 
 /// The keyspace lives in this subdirectory of the store directory, beside the lock and marker.
 const KEYSPACE_DIR: &str = "fjall";
+/// How long a checkpoint waits for fjall's flush worker before the store counts it failed.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(30);
 
 impl From<fjall::Error> for StoreError {
     fn from(e: fjall::Error) -> Self {
@@ -117,29 +125,36 @@ impl Backend for FjallBackend {
         Ok(())
     }
 
-    fn apply_durably(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError> {
-        let mut batch = self
-            .keyspace
-            .batch()
-            .durability(Some(PersistMode::SyncData));
+    fn apply(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError> {
+        let mut batch = self.keyspace.batch();
         for (key, value) in ops {
             match value {
                 Some(value) => batch.insert(&self.partition, key, value),
                 None => batch.remove(&self.partition, key),
             }
         }
-        if batch.is_empty() {
-            // Nothing to write, but the caller still wants everything before it durable.
-            self.keyspace.persist(PersistMode::SyncData)?;
-        } else {
+        if !batch.is_empty() {
             batch.commit()?;
         }
-        self.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    fn close(&self) -> Result<(), StoreError> {
-        self.keyspace.persist(PersistMode::SyncData)?;
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        self.partition.rotate_memtable()?;
+        // The flush worker writes the sealed memtables into segments (an error there leaves
+        // them sealed and their journals in place); once it is done the journals of flushed
+        // memtables are deleted and only the active one is left.
+        let deadline = Instant::now() + CHECKPOINT_WAIT;
+        while self.keyspace.journal_count() > 1 {
+            if Instant::now() >= deadline {
+                return Err(StoreError::Io(format!(
+                    "fjall did not flush its memtables within {CHECKPOINT_WAIT:?} \
+                     (see its errors above)"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -54,8 +54,11 @@ pub const CONVSEQ_TEXT: u8 = 0x12;
 pub const META_EPOCH: &[u8] = b"\x00epoch";
 pub const META_SCHEMA: &[u8] = b"\x00schema";
 pub const META_RESET_KEY: &[u8] = b"\x00reset_key";
-/// The text log's committed length, u64 big-endian; bytes past it are from a crashed commit.
+/// The text log's committed length, u64 big-endian, as schema 2 kept it; read only to upgrade.
 pub const META_TEXT_END: &[u8] = b"\x00text_end";
+/// How much of the text log the engine holds durably, u64 big-endian: the log frames after it
+/// are replayed on open (`texts.rs`). Absent in a store made before the log had frames.
+pub const META_CHECKPOINT: &[u8] = b"\x00checkpoint";
 
 pub fn event(conv: ConversationId, seq: Seq) -> [u8; 17] {
     conv_seq(CONVSEQ_EVENT, conv, seq)
@@ -113,6 +116,14 @@ pub fn message_id(conv: ConversationId, id: ClientMessageId, sender: &UserName) 
     key.extend_from_slice(&conv.0.to_be_bytes());
     key.extend_from_slice(&id.0);
     key.extend_from_slice(sender.as_str().as_bytes());
+    key
+}
+
+/// The prefix of a conversation's `convmsgid_seq` keys.
+pub fn message_id_prefix(conv: ConversationId) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = CONVMSGID_SEQ;
+    key[1..].copy_from_slice(&conv.0.to_be_bytes());
     key
 }
 

@@ -10,6 +10,7 @@ mod backend;
 pub mod backup;
 mod fjall_backend;
 mod keys;
+mod recovery;
 mod sled_backend;
 mod texts;
 mod writer;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use quip_protocol::{ClientMessageId, ConversationId, Epoch, Event, EventBody, Seq, UserName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use backend::{detect as detect_backend, BackendKind};
 use backend::{Backend, Order};
@@ -30,11 +31,12 @@ use texts::{TextLog, TextRef};
 pub use writer::WriterStats;
 
 /// Version of the on-disk layout in `keys.rs`; a store with another version is refused.
-/// Version 2 keeps texts in the text log; a version 1 store is read as it is (its texts are
-/// inline) and marked version 2 when opened, since a version 1 daemon could not read it after.
-const SCHEMA_VERSION: u32 = 2;
+/// Version 2 keeps texts in the text log; version 3 frames every commit in it (`texts.rs`).
+/// An older store is read as it is and marked version 3 when opened, since an older daemon
+/// could not read it after (a version 2 daemon would cut the log's frames off).
+const SCHEMA_VERSION: u32 = 3;
 /// The layouts this version reads.
-const READABLE_SCHEMAS: [u32; 2] = [1, 2];
+const READABLE_SCHEMAS: [u32; 3] = [1, 2, 3];
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -394,6 +396,8 @@ pub struct Store {
     texts: Arc<TextLog>,
     commits: mpsc::UnboundedSender<writer::Job>,
     stats: Arc<WriterStats>,
+    /// Becomes true when a write failed and the store stopped taking writes.
+    failed: watch::Receiver<bool>,
 }
 
 impl Store {
@@ -420,6 +424,7 @@ impl Store {
                 let mut batch = WriteBatch::new();
                 batch.put_raw(keys::META_EPOCH, &epoch.0);
                 batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+                batch.put_raw(keys::META_CHECKPOINT, &0u64.to_be_bytes());
                 backend.apply_durably(&mut batch.iter())?;
                 epoch
             }
@@ -428,33 +433,91 @@ impl Store {
             .get(keys::META_SCHEMA)?
             .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
             .map(u32::from_be_bytes);
-        match schema {
-            Some(SCHEMA_VERSION) => {}
-            Some(old) if READABLE_SCHEMAS.contains(&old) => {
-                let mut batch = WriteBatch::new();
-                batch.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
-                backend.apply_durably(&mut batch.iter())?;
-                tracing::info!(from = old, to = SCHEMA_VERSION, "store schema upgraded");
-            }
+        let upgrade = match schema {
+            Some(SCHEMA_VERSION) => None,
+            Some(old) if READABLE_SCHEMAS.contains(&old) => Some(old),
             other => {
                 return Err(StoreError::Corrupt(format!(
                     "store schema {other:?} is not one this version reads ({READABLE_SCHEMAS:?})"
                 )))
             }
-        }
-        let committed = match backend.get(keys::META_TEXT_END)? {
-            Some(bytes) => u64::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("text log end is not 8 bytes".into()))?,
-            ),
-            None => 0,
         };
-        let texts = Arc::new(TextLog::open(&config.path, committed)?);
+        let position = |key: &[u8]| -> Result<Option<u64>, StoreError> {
+            backend
+                .get(key)?
+                .map(|bytes| {
+                    <[u8; 8]>::try_from(bytes.as_slice())
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| StoreError::Corrupt("a log position is not 8 bytes".into()))
+                })
+                .transpose()
+        };
+        // A store made before the log had frames: its engine held everything up to the text
+        // log's committed end, and it is checked for gaps once, whole.
+        let (checkpoint, unchecked) = match position(keys::META_CHECKPOINT)? {
+            Some(at) => (at, false),
+            None => (position(keys::META_TEXT_END)?.unwrap_or(0), true),
+        };
+        let (texts, frames) = TextLog::open(&config.path, checkpoint)?;
+        let texts = Arc::new(texts);
+
+        let touched = recovery::replay(&*backend, &texts, &frames)?;
+        if !frames.is_empty() {
+            tracing::info!(
+                commits = frames.len(),
+                "store recovered: replayed the commits the engine had not made durable"
+            );
+        }
+        let suspects: Vec<(ConversationId, Seq)> = if unchecked {
+            let mut all = Vec::new();
+            for conv in recovery::conversations_with_events(&*backend)? {
+                all.push((conv, Seq(1)));
+            }
+            all
+        } else {
+            touched
+                .into_iter()
+                .map(|(conv, lowest)| (conv, Seq(lowest.0.saturating_sub(1).max(1))))
+                .collect()
+        };
+        let mut repair = WriteBatch::new();
+        for (conv, from) in suspects {
+            if let Some(gap) = recovery::find_gap(&*backend, conv, from, texts.end())? {
+                tracing::error!(
+                    conversation = %conv.0,
+                    keep = gap.keep.0,
+                    next = gap.next.0,
+                    head = gap.head.0,
+                    "store recovery: the conversation's events have a gap after a failed \
+                     write; removing the events after it, which were never acknowledged"
+                );
+                recovery::repair(&*backend, &gap, &mut repair)?;
+            }
+        }
+
+        let (failed_tx, failed) = watch::channel(false);
+        let mut writer = writer::Writer::new(
+            backend.clone(),
+            texts.clone(),
+            stats.clone(),
+            writer::Start {
+                verified: checkpoint,
+                failed: failed_tx,
+            },
+        );
+        if let Some(old) = upgrade {
+            repair.put_raw(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes());
+            tracing::info!(from = old, to = SCHEMA_VERSION, "store schema upgraded");
+        }
+        if !repair.is_empty() {
+            writer.commit(&[&repair])?;
+        }
+        if unchecked {
+            writer.checkpoint()?;
+        }
 
         let (commits, rx) = mpsc::unbounded_channel();
-        writer::spawn(backend.clone(), texts.clone(), rx, stats.clone())?;
+        writer.spawn(rx)?;
         Ok(Store {
             backend,
             kind: opened.kind,
@@ -463,7 +526,20 @@ impl Store {
             texts,
             commits,
             stats,
+            failed,
         })
+    }
+
+    /// Resolves once a write has failed and the store refuses writes: the daemon then stops,
+    /// and the next start recovers the durable state (see `writer.rs`).
+    pub async fn failed(&self) {
+        let mut failed = self.failed.clone();
+        let _ = failed.wait_for(|failed| *failed).await;
+    }
+
+    /// Whether a write has failed (see [`Store::failed`]).
+    pub fn has_failed(&self) -> bool {
+        *self.failed.borrow()
     }
 
     /// The engine this store runs on.
@@ -563,27 +639,7 @@ impl Store {
 
     /// Every conversation, ascending by id.
     pub fn conversations(&self) -> Result<Vec<ConversationId>, StoreError> {
-        let mut ids = Vec::new();
-        let mut corrupt = false;
-        self.backend.scan_prefix(
-            &[keys::CONV_STATE],
-            Order::Ascending,
-            usize::MAX,
-            &mut |key, _| match keys::conversation_id(key) {
-                Some(id) => {
-                    ids.push(id);
-                    ControlFlow::Continue(())
-                }
-                None => {
-                    corrupt = true;
-                    ControlFlow::Break(())
-                }
-            },
-        )?;
-        if corrupt {
-            return Err(StoreError::Corrupt("conversation key length".into()));
-        }
-        Ok(ids)
+        conversation_ids(&*self.backend)
     }
 
     /// The seq of the conversation's last event, `Seq::ZERO` when it has none.
@@ -977,6 +1033,31 @@ impl Store {
             .map(|bytes| decode(&bytes))
             .transpose()
     }
+}
+
+/// Every conversation, ascending by id.
+fn conversation_ids(backend: &dyn Backend) -> Result<Vec<ConversationId>, StoreError> {
+    let mut ids = Vec::new();
+    let mut corrupt = false;
+    backend.scan_prefix(
+        &[keys::CONV_STATE],
+        Order::Ascending,
+        usize::MAX,
+        &mut |key, _| match keys::conversation_id(key) {
+            Some(id) => {
+                ids.push(id);
+                ControlFlow::Continue(())
+            }
+            None => {
+                corrupt = true;
+                ControlFlow::Break(())
+            }
+        },
+    )?;
+    if corrupt {
+        return Err(StoreError::Corrupt("conversation key length".into()));
+    }
+    Ok(ids)
 }
 
 /// The seq of a conversation's last event, `Seq::ZERO` when it has none.

@@ -1,10 +1,16 @@
 //! The sled engine (the default).
 //!
 //! Durability: sled 0.34's `flush` ends with `sync_file_range`, which neither flushes the device
-//! cache nor persists a grown file's size, and it never syncs blob files. So every durable
-//! write is `apply_batch`, `flush`, then an explicit fdatasync of sled's files ([`Durability`]).
-//! `flush` is called from the store writer thread only: sled's `flush_async` deadlocks when
-//! awaited from several tasks.
+//! cache nor persists a grown file's size, and it never syncs blob files. So a checkpoint is
+//! `flush`, then an explicit fdatasync of sled's files ([`Durability`]). `flush` is called from
+//! the store writer thread only: sled's `flush_async` deadlocks when awaited from several tasks.
+//!
+//! Why sled is only checkpointed, never trusted with a commit: sled writes its log buffers from
+//! a thread pool, several at a time. When one of those writes fails (a full disk), sled stops
+//! writing, but buffers written after the failed one may already be on disk, and its recovery
+//! then brings back part of a batch: some events of a group commit without the ones before
+//! them. The store's log replay (`texts.rs`) rewrites every batch since the last checkpoint
+//! whole, so such a torn batch never survives an open.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -112,7 +118,7 @@ impl Backend for SledBackend {
         Ok(())
     }
 
-    fn apply_durably(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError> {
+    fn apply(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (key, value) in ops {
             match value {
@@ -121,16 +127,15 @@ impl Backend for SledBackend {
             }
         }
         self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.durability
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .sync()
-    }
-
-    fn close(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
     }
 }
 

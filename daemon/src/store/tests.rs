@@ -37,6 +37,9 @@ on_every_backend!(
     a_store_is_refused_by_the_other_engine,
     empty_commits_and_syncs_resolve,
     erased_and_pruned_texts_leave_the_disk_and_backups,
+    commits_the_engine_lost_are_replayed_from_the_log,
+    a_torn_tail_left_by_an_older_version_is_cut_at_its_first_gap,
+    a_backup_of_a_conversation_with_a_gap_is_refused,
 );
 
 fn user(name: &str) -> UserName {
@@ -455,4 +458,227 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Opens the store at `dir` once the previous process's writer has let go of it.
+fn reopen(dir: &Path, kind: BackendKind) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(&config(dir, kind)) {
+            Ok(store) => return store,
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Waits until the store's writer has let go of `dir`, so its files can be copied.
+fn closed(dir: &Path, kind: BackendKind) {
+    drop(reopen(dir, kind));
+    // The writer of that last open checkpoints and releases the lock once it is dropped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while backend::open(dir, kind, 1 << 20, Arc::default()).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store stays locked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+async fn commit_messages(store: &Store, conv: ConversationId, seqs: std::ops::RangeInclusive<u64>) {
+    for n in seqs {
+        let mut batch = WriteBatch::new();
+        batch.append_event(conv, Seq(n), &message(n));
+        batch.remember_message_id(conv, message_id(n), &user("alice"), Seq(n));
+        store.commit(batch).await.unwrap();
+    }
+}
+
+/// An engine that lost everything after its checkpoint (as fjall does after a torn journal,
+/// and either engine does after a kill -9 between checkpoints) gets it back from the log.
+async fn commits_the_engine_lost_are_replayed_from_the_log(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, lost) = (dir.path().join("live"), dir.path().join("lost"));
+    let conv = ConversationId(3);
+    commit_messages(&open(&live, kind), conv, 1..=50).await;
+    closed(&live, kind);
+    copy_dir(&live, &lost);
+    commit_messages(&reopen(&live, kind), conv, 51..=120).await;
+    closed(&live, kind);
+    // `lost` is the engine as it was at the first checkpoint, beside the whole log.
+    std::fs::copy(live.join("texts"), lost.join("texts")).unwrap();
+
+    let store = reopen(&lost, kind);
+    assert_eq!(store.head(conv).unwrap(), Seq(120));
+    let events = store.events_after(conv, Seq::ZERO, 1000).unwrap();
+    assert_eq!(events.len(), 120);
+    for (n, event) in (1..=120u64).zip(&events) {
+        assert_eq!(event.seq, Seq(n));
+        assert_eq!(event.body.text(), Some(format!("message {n}").as_str()));
+    }
+    assert_eq!(
+        store
+            .message_seq(conv, message_id(100), &user("alice"))
+            .unwrap(),
+        Some(Seq(100))
+    );
+    commit_messages(&store, conv, 121..=121).await;
+    assert_eq!(store.head(conv).unwrap(), Seq(121));
+}
+
+/// What sled could leave after a failed write before commits were framed in the log: a
+/// conversation's last group commit torn, some of its events (and records pointing at them)
+/// on disk without the ones before them. The first open keeps the gap-free prefix.
+async fn a_torn_tail_left_by_an_older_version_is_cut_at_its_first_gap(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = ConversationId(4);
+    {
+        let store = open(dir.path(), kind);
+        commit_messages(&store, conv, 1..=10).await;
+        let mut batch = WriteBatch::new();
+        batch.put_receipt(
+            conv,
+            &user("bob"),
+            &ReceiptRecord {
+                delivered: Seq(10),
+                read: Seq(9),
+            },
+        );
+        store.commit(batch).await.unwrap();
+    }
+    closed(dir.path(), kind);
+    {
+        let engine = backend::open(dir.path(), kind, 1 << 20, Arc::default())
+            .unwrap()
+            .backend;
+        let mut torn = WriteBatch::new();
+        let inline = |n: u64| StoredEvent {
+            sender: user("alice"),
+            at_ms: n,
+            body: EventBody::Message {
+                id: message_id(n),
+                text: String::new(),
+            },
+        };
+        torn.append_event(conv, Seq(12), &inline(12));
+        torn.append_event(conv, Seq(15), &inline(15));
+        torn.remember_message_id(conv, message_id(13), &user("alice"), Seq(13));
+        torn.remember_message_id(conv, message_id(15), &user("alice"), Seq(15));
+        torn.put_receipt(
+            conv,
+            &user("bob"),
+            &ReceiptRecord {
+                delivered: Seq(15),
+                read: Seq(12),
+            },
+        );
+        torn.put_message_record(
+            conv,
+            Seq(5),
+            &MessageRecord {
+                edits: vec![Seq(14)],
+                deleted: Some(Seq(16)),
+                reactions: BTreeMap::new(),
+            },
+        );
+        torn.put(
+            &keys::text(conv, Seq(16)),
+            &TextRef {
+                offset: 1 << 40,
+                len: 4,
+            },
+        );
+        // An older version's store: no checkpoint, and no frames after the log's end.
+        torn.remove(keys::META_CHECKPOINT);
+        let log_end = std::fs::metadata(dir.path().join("texts")).unwrap().len();
+        torn.put_raw(keys::META_TEXT_END, &log_end.to_be_bytes());
+        engine.apply_durably(&mut torn.iter()).unwrap();
+    }
+
+    let store = reopen(dir.path(), kind);
+    assert_eq!(store.head(conv).unwrap(), Seq(10));
+    assert_eq!(store.events_after(conv, Seq(10), 100).unwrap(), vec![]);
+    for n in [13, 15] {
+        assert_eq!(
+            store
+                .message_seq(conv, message_id(n), &user("alice"))
+                .unwrap(),
+            None,
+            "the message id of seq {n} would answer a retry with a seq it does not hold"
+        );
+    }
+    assert_eq!(
+        store
+            .message_seq(conv, message_id(10), &user("alice"))
+            .unwrap(),
+        Some(Seq(10))
+    );
+    assert_eq!(
+        store.receipts(conv).unwrap(),
+        vec![(
+            user("bob"),
+            ReceiptRecord {
+                delivered: Seq(10),
+                read: Seq(10)
+            }
+        )]
+    );
+    let record = store.message_record(conv, Seq(5)).unwrap().unwrap();
+    assert!(record.edits.is_empty() && record.deleted.is_none());
+    assert_eq!(store.backend.get(&keys::text(conv, Seq(16))).unwrap(), None);
+    commit_messages(&store, conv, 11..=11).await;
+    drop(store);
+    let store = reopen(dir.path(), kind);
+    assert_eq!(store.head(conv).unwrap(), Seq(11));
+    assert_eq!(
+        store.event(conv, Seq(11)).unwrap().unwrap().body.text(),
+        Some("message 11")
+    );
+}
+
+async fn a_backup_of_a_conversation_with_a_gap_is_refused(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("store"), kind);
+    let conv = ConversationId(5);
+    let mut batch = WriteBatch::new();
+    batch.put_conversation(
+        conv,
+        &ConversationRecord {
+            title: "gap".into(),
+            creator: user("alice"),
+            members: [user("alice")].into(),
+            created_at_ms: 1,
+        },
+    );
+    store.commit(batch).await.unwrap();
+    commit_messages(&store, conv, 1..=10).await;
+    let whole = store.snapshot().await.unwrap();
+    assert!(whole.write_to(Vec::new()).is_ok());
+
+    let mut hole = WriteBatch::new();
+    hole.remove(&keys::event(conv, Seq(5)));
+    store.backend.apply(&mut hole.iter()).unwrap();
+    let err = store
+        .snapshot()
+        .await
+        .unwrap()
+        .write_to(Vec::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("seq 6 follows 4"), "{err}");
 }

@@ -1,4 +1,5 @@
-//! The text log: the bytes of every message, reply and edit text, in one file the store owns.
+//! The store's log: the bytes of every message, reply and edit text, and a frame for every group
+//! commit, in one file the store owns.
 //!
 //! Why texts are not in the engine: sled and fjall never overwrite in place. A removed or
 //! replaced value lingers in their logs, segments and tables until some later compaction, so
@@ -7,14 +8,39 @@
 //! released (a hole punched) where the filesystem supports it. The engine keeps only where a
 //! text is (`convseq_text`, see `keys.rs`).
 //!
-//! Only the store writer thread writes (appends and erases, between two group commits); readers
-//! read at offsets the engine made visible, which are durable and never move.
+//! Why commits are framed here. A group commit is durable, and acknowledged, once its frame is
+//! fdatasync'd: the frame holds the commit's texts and every engine write of the commit. Only
+//! then are the writes handed to the engine, which makes them durable at its own pace, at a
+//! checkpoint (`backend.rs`); the engine records in `META_CHECKPOINT` how much of the log it had
+//! made durable. On open the store replays the frames after that point, so whatever an engine
+//! lost or tore when a write failed or the process died comes back whole, and a write that
+//! never reached its frame's fdatasync never reaches the engine at all. One fdatasync per group
+//! commit, texts or not.
 //!
-//! Crash safety. A group commit appends its texts and fdatasyncs this file *before* the engine
-//! batch that refers to them; that batch records the new committed length (`META_TEXT_END`).
-//! On open the file is cut back to that length, so the texts of a commit that never finished
-//! (never acknowledged) do not linger either. Erasures are made durable before the engine batch
-//! that records them: a crash in between leaves the text erased, the delete unacknowledged.
+//! Frame layout, integers big-endian: a 32-byte header, the texts, the payload.
+//!
+//! | bytes  | field                                                             |
+//! |--------|-------------------------------------------------------------------|
+//! | 0..4   | magic `QTF1`                                                      |
+//! | 4..8   | texts length                                                      |
+//! | 8..12  | payload length                                                    |
+//! | 12..16 | zero                                                              |
+//! | 16..24 | xxh3-64 of the texts                                              |
+//! | 24..32 | xxh3-64 of bytes 0..24 and the payload                            |
+//!
+//! The payload: op count:u32, per op `0x01` key len:u32 key value len:u32 value (a put) or
+//! `0x00` key len:u32 key (a remove); then erased count:u32, per erased text offset:u64 len:u32.
+//!
+//! Torn frames. A frame whose header or payload does not match its hash is where the log ends:
+//! it, and anything after it, is cut on open. Texts are hashed separately because an erasure
+//! later zeroes a text inside an older frame: a frame followed by a whole frame was durable
+//! before that one was written, so a text hash that no longer matches there is an erasure; in
+//! the last frame it is a tear, and that frame is cut too (it was never acknowledged). An
+//! erasure is done only after the frame that records it is durable, so the last whole frame
+//! never holds an erased text.
+//!
+//! Only the store writer thread writes (frames and erasures); readers read at offsets the
+//! engine made visible, which are durable and never move.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -22,11 +48,16 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
 
+use super::backend::Op;
 use super::StoreError;
 
 /// The file in the store directory.
 const FILE: &str = "texts";
+const FRAME_MAGIC: [u8; 4] = *b"QTF1";
+/// Bytes of a frame header; the texts of a frame start this far after it.
+pub const FRAME_HEADER: u64 = 32;
 
 /// Where one text is in the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,10 +66,104 @@ pub struct TextRef {
     pub len: u32,
 }
 
+/// A group commit as its frame holds it: the engine writes, and the texts it erased.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub erased: Vec<TextRef>,
+}
+
+impl Frame {
+    /// The payload of a frame holding `ops` and `erased`.
+    pub fn encode<'a>(ops: impl Iterator<Item = Op<'a>>, erased: &[TextRef]) -> Vec<u8> {
+        let mut out = vec![0u8; 4];
+        let mut count = 0u32;
+        for (key, value) in ops {
+            count += 1;
+            out.push(u8::from(value.is_some()));
+            put_field(&mut out, key);
+            if let Some(value) = value {
+                put_field(&mut out, value);
+            }
+        }
+        out[..4].copy_from_slice(&count.to_be_bytes());
+        out.extend_from_slice(&(erased.len() as u32).to_be_bytes());
+        for text in erased {
+            out.extend_from_slice(&text.offset.to_be_bytes());
+            out.extend_from_slice(&text.len.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn decode(mut bytes: &[u8]) -> Result<Frame, StoreError> {
+        let corrupt = || StoreError::Corrupt("a log frame's payload does not parse".into());
+        let mut take = |n: usize| -> Result<&[u8], StoreError> {
+            if bytes.len() < n {
+                return Err(corrupt());
+            }
+            let (head, rest) = bytes.split_at(n);
+            bytes = rest;
+            Ok(head)
+        };
+        let u32_of = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap_or_default());
+        let mut frame = Frame::default();
+        let ops = u32_of(take(4)?);
+        for _ in 0..ops {
+            let put = match take(1)?[0] {
+                0 => false,
+                1 => true,
+                _ => return Err(corrupt()),
+            };
+            let len = u32_of(take(4)?) as usize;
+            let key = take(len)?.to_vec();
+            let value = if put {
+                let len = u32_of(take(4)?) as usize;
+                Some(take(len)?.to_vec())
+            } else {
+                None
+            };
+            frame.ops.push((key, value));
+        }
+        let erased = u32_of(take(4)?);
+        for _ in 0..erased {
+            let offset = u64::from_be_bytes(take(8)?.try_into().unwrap_or_default());
+            let len = u32_of(take(4)?);
+            frame.erased.push(TextRef { offset, len });
+        }
+        if !bytes.is_empty() {
+            return Err(corrupt());
+        }
+        Ok(frame)
+    }
+}
+
+fn put_field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn header(texts: &[u8], payload: &[u8]) -> [u8; FRAME_HEADER as usize] {
+    let mut header = [0u8; FRAME_HEADER as usize];
+    header[..4].copy_from_slice(&FRAME_MAGIC);
+    header[4..8].copy_from_slice(&(texts.len() as u32).to_be_bytes());
+    header[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    header[16..24].copy_from_slice(&xxh3_64(texts).to_be_bytes());
+    let check = header_check(&header, payload);
+    header[24..].copy_from_slice(&check.to_be_bytes());
+    header
+}
+
+fn header_check(header: &[u8; FRAME_HEADER as usize], payload: &[u8]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&header[..24]);
+    hasher.update(payload);
+    hasher.digest()
+}
+
 #[derive(Debug)]
 pub struct TextLog {
     file: File,
-    /// The end of what was appended (committed, or being committed by the writer).
+    /// The end of the log: of the last frame written (or of the texts a restore appended).
     end: AtomicU64,
 }
 
@@ -46,9 +171,19 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> StoreError + '_ {
     move |e| StoreError::Io(format!("text log: {what}: {e}"))
 }
 
+/// A frame found on open.
+struct Found {
+    at: u64,
+    len: u64,
+    texts_match: bool,
+    frame: Frame,
+}
+
 impl TextLog {
-    /// Opens (or creates) the log in `dir`, cut back to `committed` bytes.
-    pub fn open(dir: &Path, committed: u64) -> Result<TextLog, StoreError> {
+    /// Opens (or creates) the log in `dir`. `checkpoint` is how much of it the engine holds
+    /// durably; returns the frames after that point, for the store to replay, and cuts the log
+    /// after the last whole frame.
+    pub fn open(dir: &Path, checkpoint: u64) -> Result<(TextLog, Vec<Frame>), StoreError> {
         let path = dir.join(FILE);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -58,23 +193,40 @@ impl TextLog {
             .open(&path)
             .map_err(io("opening"))?;
         let len = file.metadata().map_err(io("reading its length"))?.len();
-        if len < committed {
+        if len < checkpoint {
             return Err(StoreError::Corrupt(format!(
-                "the text log is {len} bytes, but {committed} were committed"
+                "the text log is {len} bytes, but the engine holds commits up to byte \
+                 {checkpoint} of it"
             )));
         }
-        if len > committed {
-            file.set_len(committed)
+        let mut found = Vec::new();
+        let mut at = checkpoint;
+        while let Some(frame) = read_frame(&file, at, len)? {
+            at += frame.len;
+            found.push(frame);
+        }
+        if found.last().is_some_and(|last| !last.texts_match) {
+            if let Some(torn) = found.pop() {
+                at = torn.at;
+            }
+        }
+        if len > at {
+            tracing::warn!(
+                bytes = len - at,
+                "cutting an unfinished commit off the end of the text log"
+            );
+            file.set_len(at)
                 .map_err(io("cutting an unfinished commit"))?;
             file.sync_all().map_err(io("fsync"))?;
         }
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io("fsync of the store directory"))?;
-        Ok(TextLog {
+        let log = TextLog {
             file,
-            end: AtomicU64::new(committed),
-        })
+            end: AtomicU64::new(at),
+        };
+        Ok((log, found.into_iter().map(|f| f.frame).collect()))
     }
 
     /// The end of the log.
@@ -82,7 +234,46 @@ impl TextLog {
         self.end.load(Ordering::Acquire)
     }
 
-    /// Appends `bytes` (not yet durable: see [`TextLog::sync`]). Writer thread only.
+    /// Where the texts of the next frame start.
+    pub fn next_texts_at(&self) -> u64 {
+        self.end() + FRAME_HEADER
+    }
+
+    /// Appends a frame of `texts` and `payload` and fdatasyncs it; returns its length. On a
+    /// failure the log is cut back to where the frame began (as far as the disk lets us), so
+    /// that the bytes of a commit that failed are not left to reach the disk later.
+    pub fn append_frame(&self, texts: &[u8], payload: &[u8]) -> Result<u64, StoreError> {
+        let at = self.end();
+        if u32::try_from(texts.len()).is_err() || u32::try_from(payload.len()).is_err() {
+            return Err(StoreError::Io(format!(
+                "a group commit of {} bytes of text and {} of writes",
+                texts.len(),
+                payload.len()
+            )));
+        }
+        let header = header(texts, payload);
+        let mut frame = Vec::with_capacity(header.len() + texts.len() + payload.len());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(texts);
+        frame.extend_from_slice(payload);
+        let written = self
+            .file
+            .write_all_at(&frame, at)
+            .map_err(io("appending a commit"))
+            .and_then(|()| self.sync());
+        if let Err(e) = written {
+            if let Err(cut) = self.file.set_len(at) {
+                tracing::error!(error = %cut, "cannot cut the failed commit off the text log");
+            }
+            return Err(e);
+        }
+        let frame_len = frame.len() as u64;
+        self.end.store(at + frame_len, Ordering::Release);
+        Ok(frame_len)
+    }
+
+    /// Appends `bytes` outside any frame (not yet durable: see [`TextLog::sync`]): for a
+    /// restore, which records the end in the engine's checkpoint itself. Writer thread only.
     pub fn append(&self, bytes: &[u8]) -> Result<TextRef, StoreError> {
         let offset = self.end();
         let len = u32::try_from(bytes.len())
@@ -132,34 +323,143 @@ impl TextLog {
     }
 }
 
+/// The whole frame at `at` of a log of `len` bytes, or `None` where the log ends (a torn frame
+/// included).
+fn read_frame(file: &File, at: u64, len: u64) -> Result<Option<Found>, StoreError> {
+    let mut header = [0u8; FRAME_HEADER as usize];
+    if at + FRAME_HEADER > len {
+        return Ok(None);
+    }
+    file.read_exact_at(&mut header, at)
+        .map_err(io("reading a frame"))?;
+    let field = |range: std::ops::Range<usize>| {
+        u32::from_be_bytes(header[range].try_into().unwrap_or_default())
+    };
+    let (texts_len, payload_len) = (u64::from(field(4..8)), u64::from(field(8..12)));
+    let frame_len = FRAME_HEADER + texts_len + payload_len;
+    if header[..4] != FRAME_MAGIC || at + frame_len > len {
+        return Ok(None);
+    }
+    let mut body = vec![0u8; (texts_len + payload_len) as usize];
+    file.read_exact_at(&mut body, at + FRAME_HEADER)
+        .map_err(io("reading a frame"))?;
+    let (texts, payload) = body.split_at(texts_len as usize);
+    let check = u64::from_be_bytes(header[24..].try_into().unwrap_or_default());
+    if header_check(&header, payload) != check {
+        return Ok(None);
+    }
+    let texts_hash = u64::from_be_bytes(header[16..24].try_into().unwrap_or_default());
+    Ok(Some(Found {
+        at,
+        len: frame_len,
+        texts_match: xxh3_64(texts) == texts_hash,
+        frame: Frame::decode(payload)?,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
 
+    fn frame_with(ops: &[(&[u8], Option<&[u8]>)], erased: &[TextRef]) -> Vec<u8> {
+        Frame::encode(ops.iter().copied(), erased)
+    }
+
     #[test]
-    fn erased_texts_are_zeros_on_disk_and_an_unfinished_tail_is_cut() {
+    fn frames_round_trip_and_are_found_again_after_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let log = TextLog::open(dir.path(), 0).unwrap();
-        let kept = log.append("kept text".as_bytes()).unwrap();
-        let erased = log.append("secret text".as_bytes()).unwrap();
+        let (log, frames) = TextLog::open(dir.path(), 0).unwrap();
+        assert!(frames.is_empty());
+        let first = frame_with(&[(b"k1", Some(b"v1")), (b"k2", None)], &[]);
+        let text_at = log.next_texts_at();
+        log.append_frame(b"hello", &first).unwrap();
+        let checkpoint = log.end();
+        let erased = [TextRef {
+            offset: text_at,
+            len: 5,
+        }];
+        let second = frame_with(&[(b"k3", Some(b""))], &erased);
+        log.append_frame(b"", &second).unwrap();
+        assert_eq!(
+            log.read(TextRef {
+                offset: text_at,
+                len: 5
+            })
+            .unwrap(),
+            "hello"
+        );
+        drop(log);
+
+        let (_, all) = TextLog::open(dir.path(), 0).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all[0].ops,
+            vec![
+                (b"k1".to_vec(), Some(b"v1".to_vec())),
+                (b"k2".to_vec(), None)
+            ]
+        );
+        assert_eq!(all[1].erased, erased.to_vec());
+        let (_, after) = TextLog::open(dir.path(), checkpoint).unwrap();
+        assert_eq!(after, vec![all[1].clone()]);
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_cut_and_an_erased_text_in_an_earlier_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = TextLog::open(dir.path(), 0).unwrap();
+        let text = TextRef {
+            offset: log.next_texts_at(),
+            len: 11,
+        };
+        log.append_frame(b"secret text", &frame_with(&[(b"a", Some(b"1"))], &[]))
+            .unwrap();
+        log.append_frame(b"", &frame_with(&[(b"b", None)], &[text]))
+            .unwrap();
+        log.erase(text).unwrap();
         log.sync().unwrap();
-        assert_eq!(log.read(erased).unwrap(), "secret text");
-        log.erase(erased).unwrap();
-        log.sync().unwrap();
-        log.release(erased);
-        let committed = log.end();
-        log.append(b"never committed").unwrap();
+        log.release(text);
+        let whole = log.end();
+        // A third frame whose texts never reached the disk: header and payload whole.
+        let third_at = log.end();
+        log.append_frame(b"lost", &frame_with(&[(b"c", Some(b"3"))], &[]))
+            .unwrap();
+        let texts_at = third_at + FRAME_HEADER;
+        log.file.write_all_at(b"\0\0\0\0", texts_at).unwrap();
+        // And bytes of a fourth that stopped half way.
+        log.file.write_all_at(b"QTF1\0\0", log.end()).unwrap();
         drop(log);
 
         let on_disk = std::fs::read(dir.path().join(FILE)).unwrap();
-        let find = |needle: &[u8]| on_disk.windows(needle.len()).any(|w| w == needle);
-        assert!(find(b"kept text"));
-        assert!(!find(b"secret text"));
-        let log = TextLog::open(dir.path(), committed).unwrap();
-        assert_eq!(log.end(), committed);
-        assert_eq!(log.read(kept).unwrap(), "kept text");
-        assert!(TextLog::open(dir.path(), committed + 1).is_err());
+        assert!(!on_disk.windows(6).any(|w| w == b"secret"));
+        let (log, frames) = TextLog::open(dir.path(), 0).unwrap();
+        assert_eq!(frames.len(), 2, "the frame with the erased text is kept");
+        assert_eq!(log.end(), whole);
+        assert_eq!(
+            std::fs::metadata(dir.path().join(FILE)).unwrap().len(),
+            whole
+        );
+        assert!(TextLog::open(dir.path(), whole + 1).is_err());
+    }
+
+    #[test]
+    fn a_frame_with_a_damaged_payload_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = TextLog::open(dir.path(), 0).unwrap();
+        log.append_frame(b"one", &frame_with(&[(b"a", Some(b"1"))], &[]))
+            .unwrap();
+        let second = log.end();
+        log.append_frame(b"two", &frame_with(&[(b"b", Some(b"2"))], &[]))
+            .unwrap();
+        log.append_frame(b"three", &frame_with(&[(b"c", Some(b"3"))], &[]))
+            .unwrap();
+        let end = log.end();
+        log.file.write_all_at(b"X", end - 1).unwrap();
+        drop(log);
+        let (log, frames) = TextLog::open(dir.path(), 0).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert!(log.end() > second && log.end() < end);
     }
 }

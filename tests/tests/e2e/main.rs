@@ -16,6 +16,7 @@ mod corpus;
 mod cursor;
 mod devices;
 mod durability;
+mod faults;
 mod flood;
 mod idempotency;
 mod limits;
