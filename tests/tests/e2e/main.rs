@@ -11,6 +11,7 @@ mod auth;
 mod authorization;
 mod chat;
 mod cli;
+mod cli_robustness;
 mod corpus;
 mod cursor;
 mod devices;
