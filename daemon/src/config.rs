@@ -122,6 +122,14 @@ fn within<T: PartialOrd + std::fmt::Display + Copy>(
     Ok(value)
 }
 
+/// A count that must be at least `min`.
+fn at_least(key: &'static str, value: u32, min: u32) -> Result<u32, ConfigError> {
+    if value < min {
+        return Err(invalid(key, format!("must be at least {min}, not {value}")));
+    }
+    Ok(value)
+}
+
 /// A duration in milliseconds, `min_ms` to [`MAX_DURATION_MS`] (or `max_ms` if lower).
 fn millis(key: &'static str, ms: u64, min_ms: u64, max_ms: u64) -> Result<Duration, ConfigError> {
     within(key, ms, min_ms, max_ms.min(MAX_DURATION_MS)).map(Duration::from_millis)
@@ -612,7 +620,7 @@ impl ConfigFile {
             ("limits.datagrams_out_per_sec", limits.datagrams_out_per_sec),
             ("limits.datagrams_out_burst", limits.datagrams_out_burst),
         ] {
-            within(key, value, 1, u32::MAX)?;
+            at_least(key, value, 1)?;
         }
         let presence_grace = millis(
             "limits.presence_grace_ms",
