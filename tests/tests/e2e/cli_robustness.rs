@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use quip_tests::{within_for, Binaries, CliOutput, DaemonProcess, Quip, STEP};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// A daemon, alice's `quip`, and a conversation of alice's (seq 1 is its creation).
 async fn alice_with_a_conversation(daemon: &DaemonProcess) -> (Quip, String) {
@@ -245,25 +245,39 @@ async fn tail_events_are_text_lines_unless_json() {
     let bob = alice.with_token(Some(&daemon.add_user("bob").await));
     let created = alice.run(&["conv", "create", "--member", "bob"]).await;
     let conv = created.stdout.trim().to_owned();
-    let tail = alice.spawn(&["tail", &conv, "--events", "--count", "1"]);
-    // The tail needs a moment to subscribe; bob types for a while, then sends.
+    // Alice follows from the start: once the creation is printed she listens, then bob types
+    // for a while and sends.
+    let mut tail = alice.spawn(&["tail", &conv, "--events", "--after", "0", "--count", "2"]);
+    let mut out = tokio::io::BufReader::new(tail.stdout.take().expect("stdout is piped"));
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    within_for(STEP, "the tail's first line", out.read_line(&mut line))
+        .await
+        .expect("reading the tail");
+    lines.push(line.trim_end().to_owned());
     let typing = bob.spawn(&["typing", &conv, "--seconds", "3"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     bob.run(&["send", &conv, "done typing"])
         .await
         .expect_success("bob sends");
-    let tailed = Quip::finish(tail, "alice's tail --events").await;
-    tailed.expect_success("alice's tail --events");
+    let mut rest = String::new();
+    within_for(STEP, "the rest of the tail", out.read_to_string(&mut rest))
+        .await
+        .expect("reading the tail");
+    lines.extend(rest.lines().map(str::to_owned));
+    let status = within_for(STEP, "alice's tail", tail.wait())
+        .await
+        .expect("waiting for the tail");
+    assert!(status.success(), "alice's tail: {status}");
     Quip::finish(typing, "bob's typing")
         .await
         .expect_success("quip typing");
-    let lines = tailed.stdout_lines();
     assert!(
         lines.iter().all(|l| !l.starts_with('{')),
         "JSON among the text lines: {lines:?}"
     );
-    assert!(lines.contains(&"* bob is typing"), "{lines:?}");
-    assert!(lines.contains(&"2 bob: done typing"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "* bob is typing"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "2 bob: done typing"), "{lines:?}");
 
     let missing = bob.run(&["typing", "12345", "--seconds", "1"]).await;
     assert_eq!(
@@ -385,12 +399,13 @@ async fn quip_gives_up_when_the_daemon_is_gone_and_says_so() {
         .await
         .expect("waiting for quip");
     let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(
-        child.stderr.as_mut().expect("stderr is piped"),
-        &mut stderr,
-    )
-    .await
-    .expect("reading stderr");
+    child
+        .stderr
+        .as_mut()
+        .expect("stderr is piped")
+        .read_to_string(&mut stderr)
+        .await
+        .expect("reading stderr");
     drop(stdin);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(30));
