@@ -337,7 +337,7 @@ async fn report_status(mut status: tokio::sync::watch::Receiver<Status>, give_up
                 )
             }
             Status::Unavailable { error } => eprintln!(
-                "quip: the server cannot serve now ({}); retrying, for up to {give_up_after} s",
+                "quip: the server cannot serve now: {}; retrying, for up to {give_up_after} s",
                 Shown(&ClientError::Server(error).to_string())
             ),
             Status::Closed { .. } => return,
