@@ -28,15 +28,15 @@ pub const DEV_SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: not a valid PEM file: {source}")]
+    #[error("{path}: not a valid PEM file: {}", describe_pem_error(.error))]
     Pem {
         path: PathBuf,
-        source: rustls_pki_types::pem::Error,
+        error: rustls_pki_types::pem::Error,
     },
     #[error("making certificates: {0}")]
     Generate(#[from] rcgen::Error),
@@ -265,17 +265,37 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertErro
         .map_err(|e| io_error(path, e))
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> CertError {
+fn io_error(path: &Path, error: std::io::Error) -> CertError {
     CertError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
-fn pem_error(path: &Path, source: rustls_pki_types::pem::Error) -> CertError {
+fn pem_error(path: &Path, error: rustls_pki_types::pem::Error) -> CertError {
     CertError::Pem {
         path: path.to_owned(),
-        source,
+        error,
+    }
+}
+
+/// A PEM error in words (the parser's own message shows a missing end marker as a list of
+/// bytes).
+pub fn describe_pem_error(error: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match error {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "it ends without a `-----END {}-----` line: the file is cut short",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "the line `{}` is not a valid BEGIN line",
+            String::from_utf8_lossy(line).trim()
+        ),
+        Error::Base64Decode(e) => format!("the text between BEGIN and END is not base64 ({e})"),
+        Error::Io(e) => e.to_string(),
+        Error::NoItemsFound => "it holds no PEM item of the kind needed".into(),
+        other => other.to_string(),
     }
 }
 
@@ -445,5 +465,24 @@ mod tests {
         fs::remove_file(dir.path().join(SERVER_KEY_FILE)).unwrap();
         let err = load_or_create(dir.path()).unwrap_err();
         assert!(err.to_string().contains(SERVER_KEY_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_cut_or_missing_pem_file_is_told_in_words_once() {
+        let dir = tempfile::tempdir().unwrap();
+        create_dev_pki(dir.path(), DEV_SERVER_NAMES).unwrap();
+        let ca = std::fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap();
+        let cut = dir.path().join("cut.pem");
+        std::fs::write(&cut, &ca[..ca.len() / 2]).unwrap();
+        let err = load_ca_certs(&cut).unwrap_err().to_string();
+        assert!(
+            err.contains("`-----END CERTIFICATE-----`") && err.contains("cut short"),
+            "{err}"
+        );
+        assert!(!err.contains("[45, 45"), "{err}");
+        // The OS error is in the message, not again as its source (which `{:#}` would add).
+        let missing = load_ca_certs(&dir.path().join("none.pem")).unwrap_err();
+        assert!(missing.to_string().contains("os error 2"), "{missing}");
+        assert!(std::error::Error::source(&missing).is_none());
     }
 }

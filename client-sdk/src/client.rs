@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 
 use quip_protocol::{
     encode_datagram, encode_frame, limits, ClientDatagram, ClientFrame, ClientMessageId,
-    ConversationId, ConversationSummary, DeliveryFrame, Epoch, ErrorCode, Event, FrameDecoder,
-    InboxEntry, MessageState, Position, PresenceInfo, Receipt, Request, RequestId, Response, Seq,
-    ServerFrame, StartAt, UserName,
+    ConversationId, ConversationSummary, DeliveryFrame, Epoch, ErrorBody, ErrorCode, Event,
+    FrameDecoder, InboxEntry, MessageState, Position, PresenceInfo, Receipt, Request, RequestId,
+    Response, Seq, ServerFrame, StartAt, UserName,
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
@@ -28,7 +28,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use crate::ephemeral::{self, EphemeralEvent, EphemeralEvents, PresenceVersions};
 use crate::outbox::{is_permanent, Action, Admit, Cursor, Outbox, OutboxEntry};
 use crate::persist::SavedState;
-use crate::subscription::{Delivered, Origin, Subscription};
+use crate::retry::{Backoff, Stall};
+use crate::subscription::{Delivered, Origin, Subscription, Taken};
 use crate::{ClientConfig, ClientError};
 
 /// Events buffered per subscription before the client stops reading its stream (and QUIC flow
@@ -40,6 +41,24 @@ const PERSIST_DELAY: Duration = Duration::from_millis(20);
 const REPORT_DELAY: Duration = Duration::from_millis(100);
 /// Client message ids this client remembers having used, to tell its own events apart.
 const OWN_IDS: usize = 8192;
+/// First wait before sends refused with a 5xx answer are tried again, when the answer names
+/// none (SPEC 9.1 item 5); it doubles per round, up to `ClientConfig::reconnect_max`.
+const UNAVAILABLE_RETRY: Duration = Duration::from_millis(500);
+
+/// How the client's link to the server is doing; see [`Client::status`].
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// Connected, and the server serves what the client sends.
+    Connected,
+    /// The connection is lost and the client is reconnecting: `error` says why the connection
+    /// or the latest attempt failed.
+    Reconnecting { error: ClientError },
+    /// Connected, but the server answers `UNAVAILABLE` (it cannot store now): sends wait and
+    /// are tried again with backoff, one probe per round.
+    Unavailable { error: ErrorBody },
+    /// The client stopped: closed by the app, or it gave up (`ClientConfig::give_up_after`).
+    Closed { error: ClientError },
+}
 
 /// A page of history with the current state of each of its messages (see [`Client::page`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +80,25 @@ pub struct Sent {
     pub at_ms: u64,
     /// The server had stored this id before; `seq` is the original one.
     pub duplicate: bool,
+}
+
+/// A send that an earlier run left unacknowledged in the state file: the client re-sends it
+/// when it connects, before any new send (see [`Client::resumed_sends`]).
+#[derive(Debug)]
+pub struct Resumed {
+    pub entry: OutboxEntry,
+    outcome: oneshot::Receiver<Result<Sent, ClientError>>,
+}
+
+impl Resumed {
+    /// Its seq once the server acknowledged it, or why it failed. An entry the protocol would
+    /// refuse (a text over the limit) fails at once with [`ClientError::Invalid`] and is dropped
+    /// from the state file instead of being sent.
+    pub async fn outcome(self) -> Result<Sent, ClientError> {
+        self.outcome
+            .await
+            .unwrap_or_else(|_| Err(ClientError::ConnectionLost("client closed".into())))
+    }
 }
 
 /// A connection to a quip server that reconnects by itself. Cheap to clone.
@@ -85,6 +123,7 @@ struct Shared {
     typing_sent: Mutex<HashMap<ConversationId, Instant>>,
     /// Wakes the task that reports delivery receipts.
     report: Arc<Notify>,
+    status: watch::Sender<Status>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -93,6 +132,89 @@ impl std::fmt::Debug for Shared {
             .field("user", &self.user)
             .field("server", &self.config.server)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a client starts with from its state file.
+#[derive(Default)]
+struct Restored {
+    outbox: Outbox,
+    own_ids: RecentIds,
+    send_waiters: HashMap<u64, oneshot::Sender<Result<Sent, ClientError>>>,
+    resumed: Vec<Resumed>,
+}
+
+impl Restored {
+    /// Takes the saved outbox, leaving in `saved` only the entries that will be re-sent.
+    fn from_state_file(saved: &mut SavedState) -> Restored {
+        let mut restored = Restored::default();
+        for entry in std::mem::take(&mut saved.outbox) {
+            let (waiter, outcome) = oneshot::channel();
+            // An entry no server would take (written by an older client) is answered here, so
+            // it can neither wedge the outbox nor stay in the file for ever.
+            match entry.request().validate() {
+                Ok(()) => {
+                    restored.own_ids.insert((entry.conv, entry.id));
+                    let key = restored.outbox.push(entry.clone());
+                    restored.send_waiters.insert(key, waiter);
+                    saved.outbox.push(entry.clone());
+                }
+                Err(body) => {
+                    let _ = waiter.send(Err(ClientError::Invalid(body)));
+                }
+            }
+            restored.resumed.push(Resumed { entry, outcome });
+        }
+        restored
+    }
+}
+
+impl Shared {
+    fn new(
+        config: ClientConfig,
+        endpoint: quinn::Endpoint,
+        user: UserName,
+        epoch: Epoch,
+        restored: Restored,
+        persist: bool,
+    ) -> Shared {
+        let reconnect_max = config.reconnect_max;
+        Shared {
+            user,
+            config,
+            endpoint,
+            state: Mutex::new(State {
+                link: Link::Down(ClientError::ConnectionLost("connecting".into())),
+                epoch,
+                outbox: restored.outbox,
+                send_waiters: restored.send_waiters,
+                follows: HashMap::new(),
+                own_ids: restored.own_ids,
+                unreported: HashMap::new(),
+                left: HashMap::new(),
+                resumed: restored.resumed,
+                held: BTreeSet::new(),
+                held_follows: BTreeSet::new(),
+                unavailable: Unavailable {
+                    stall: Stall::default(),
+                    backoff: Backoff::new(UNAVAILABLE_RETRY, reconnect_max),
+                    round_scheduled: false,
+                    last: None,
+                },
+            }),
+            link_changed: watch::channel(0).0,
+            persist: persist.then(|| Arc::new(Notify::new())),
+            connections: AtomicU64::new(0),
+            ephemeral: broadcast::channel(ephemeral::EPHEMERAL_BUFFER).0,
+            presence_versions: PresenceVersions::default(),
+            malformed_datagrams: Arc::new(AtomicU64::new(0)),
+            typing_sent: Mutex::new(HashMap::new()),
+            report: Arc::new(Notify::new()),
+            status: watch::channel(Status::Reconnecting {
+                error: ClientError::ConnectionLost("connecting".into()),
+            })
+            .0,
+        }
     }
 }
 
@@ -117,6 +239,22 @@ struct State {
     /// Cursors of subscriptions the app dropped: still the last seq it was given, for the
     /// state file.
     left: HashMap<ConversationId, Position>,
+    /// The state file's unacknowledged sends, until the app asks for them.
+    resumed: Vec<Resumed>,
+    /// Outbox entries a 5xx answer refused, waiting for the next retry round; the oldest is
+    /// the round's probe. New sends queue behind them, so that a conversation keeps its order.
+    held: BTreeSet<u64>,
+    /// Subscriptions a 5xx answer refused, subscribed again in the next round.
+    held_follows: BTreeSet<ConversationId>,
+    unavailable: Unavailable,
+}
+
+/// A server that answers with 5xx errors: how long that has lasted and when to try again.
+struct Unavailable {
+    stall: Stall,
+    backoff: Backoff,
+    round_scheduled: bool,
+    last: Option<ErrorBody>,
 }
 
 /// A bounded set of recently used client message ids.
@@ -159,7 +297,11 @@ struct Session {
 
 /// A followed conversation.
 struct Follow {
+    /// The last seq received from the server (handed to the subscription's queue): where a
+    /// resumed delivery starts.
     cursor: Cursor,
+    /// The last seq the app took from the queue: what the state file keeps.
+    taken: Taken,
     epoch: Epoch,
     start: StartAt,
     route: mpsc::Sender<Delivered>,
@@ -230,42 +372,30 @@ impl Client {
     /// Connects, verifies the server against the configured CA, and authenticates. The first
     /// connection must succeed; after that the client reconnects by itself.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let saved = match &config.state_file {
-            Some(path) => Some(SavedState::load(path)?),
+        let mut saved = match &config.state_file {
+            Some(path) => Some(SavedState::open(path)?),
             None => None,
         };
+        let mut restored = Restored::default();
+        if let (Some(saved), Some(path)) = (&mut saved, &config.state_file) {
+            restored = Restored::from_state_file(saved);
+            // Written now, so that a file that cannot be written is an error at the start
+            // rather than a warning nobody sees while sends pile up in it.
+            saved
+                .save(path)
+                .map_err(|e| ClientError::Config(format!("state file {}: {e}", path.display())))?;
+        }
         let endpoint = new_endpoint(&config).await?;
         let established = establish(&config, &endpoint).await?;
-        let (link_changed, _) = watch::channel(0);
-        let mut outbox = Outbox::default();
-        let mut own_ids = RecentIds::default();
-        for entry in saved.iter().flat_map(|s| s.outbox.iter()) {
-            own_ids.insert((entry.conv, entry.id));
-            outbox.push(entry.clone());
-        }
-        let shared = Arc::new(Shared {
-            user: established.user.clone(),
+        let persist = saved.is_some();
+        let shared = Arc::new(Shared::new(
             config,
             endpoint,
-            state: Mutex::new(State {
-                link: Link::Down(ClientError::ConnectionLost("connecting".into())),
-                epoch: established.epoch,
-                outbox,
-                send_waiters: HashMap::new(),
-                follows: HashMap::new(),
-                own_ids,
-                unreported: HashMap::new(),
-                left: HashMap::new(),
-            }),
-            link_changed,
-            persist: saved.as_ref().map(|_| Arc::new(Notify::new())),
-            connections: AtomicU64::new(0),
-            ephemeral: broadcast::channel(ephemeral::EPHEMERAL_BUFFER).0,
-            presence_versions: PresenceVersions::default(),
-            malformed_datagrams: Arc::new(AtomicU64::new(0)),
-            typing_sent: Mutex::new(HashMap::new()),
-            report: Arc::new(Notify::new()),
-        });
+            established.user.clone(),
+            established.epoch,
+            restored,
+            persist,
+        ));
         if let Some(notify) = &shared.persist {
             tokio::spawn(persist_loop(Arc::downgrade(&shared), notify.clone(), saved));
         }
@@ -296,6 +426,12 @@ impl Client {
     pub fn saved_position(&self, conv: ConversationId) -> Option<Position> {
         let path = self.shared.config.state_file.as_ref()?;
         SavedState::load(path).ok()?.cursors.get(&conv).copied()
+    }
+
+    /// The sends an earlier run left in the state file, which this client re-sends first, each
+    /// with its outcome. Handed out once: a second call returns nothing.
+    pub fn resumed_sends(&self) -> Vec<Resumed> {
+        std::mem::take(&mut lock(&self.shared.state).resumed)
     }
 
     /// Messages sent but not yet acknowledged, oldest first (for optimistic display).
@@ -333,6 +469,7 @@ impl Client {
     /// Queues a request on the current connection, waiting for one if the client is
     /// reconnecting. A request in flight when the connection drops fails with `ConnectionLost`.
     async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        request.validate().map_err(ClientError::Invalid)?;
         let (reply, answer) = oneshot::channel();
         let mut changes = self.shared.link_changed.subscribe();
         let deadline = tokio::time::Instant::now() + self.shared.config.connect_timeout;
@@ -491,26 +628,38 @@ impl Client {
 
     /// Queues an action now, in call order with every other one, keeps it in the outbox (and
     /// the state file) until acknowledged, and re-sends it with the same id after a reconnect.
+    /// An action the protocol does not allow (a text over `MAX_TEXT_LEN`, an empty one, a
+    /// reaction that is not one emoji) fails at once with [`ClientError::Invalid`] and never
+    /// enters the outbox.
     pub fn submit(
         &self,
         entry: OutboxEntry,
     ) -> impl std::future::Future<Output = Result<Sent, ClientError>> + Send + 'static {
         let (waiter, answer) = oneshot::channel();
-        {
-            let mut state = lock(&self.shared.state);
-            if let Link::Closed(e) = &state.link {
-                let _ = waiter.send(Err(e.clone()));
-            } else {
-                let request = entry.request();
-                state.own_ids.insert((entry.conv, entry.id));
-                let key = state.outbox.push(entry);
-                state.send_waiters.insert(key, waiter);
-                if let Link::Up(session) = &state.link {
-                    let _ = session.outgoing.send(request, ReplyTo::Send(key));
+        let request = entry.request();
+        match request.validate() {
+            Err(body) => {
+                let _ = waiter.send(Err(ClientError::Invalid(body)));
+            }
+            Ok(()) => {
+                let mut state = lock(&self.shared.state);
+                if let Link::Closed(e) = &state.link {
+                    let _ = waiter.send(Err(e.clone()));
+                } else {
+                    state.own_ids.insert((entry.conv, entry.id));
+                    let key = state.outbox.push(entry);
+                    state.send_waiters.insert(key, waiter);
+                    if !state.held.is_empty() {
+                        // Behind the sends waiting for a retry round, in order.
+                        state.held.insert(key);
+                    } else if let Link::Up(session) = &state.link {
+                        let _ = session.outgoing.send(request, ReplyTo::Send(key));
+                    }
+                    drop(state);
+                    self.shared.persist_soon();
                 }
             }
         }
-        self.shared.persist_soon();
         async move {
             answer
                 .await
@@ -519,6 +668,8 @@ impl Client {
     }
 
     /// Up to `limit` events before `before` (or the newest ones), ascending, and the head.
+    /// `limit` is 1 to `MAX_HISTORY_LIMIT`; another fails with `INVALID_REQUEST`, as the server
+    /// would answer.
     pub async fn history(
         &self,
         conv: ConversationId,
@@ -528,7 +679,7 @@ impl Client {
         let request = Request::History {
             conv,
             before,
-            limit: limit.clamp(1, limits::MAX_HISTORY_LIMIT),
+            limit,
         };
         match self.request(request).await? {
             Response::History { events, head, .. } => Ok((events, head)),
@@ -546,6 +697,7 @@ impl Client {
     ) -> Result<Subscription, ClientError> {
         let (route, events) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let (ready, subscribed) = oneshot::channel();
+        let taken;
         {
             let mut state = lock(&self.shared.state);
             if let Link::Closed(e) = &state.link {
@@ -571,10 +723,12 @@ impl Client {
                 ),
                 StartAt::Latest => (Cursor::default(), state.epoch),
             };
+            taken = Arc::new(Mutex::new(cursor.at));
             state.follows.insert(
                 conv,
                 Follow {
                     cursor,
+                    taken: taken.clone(),
                     epoch,
                     start,
                     route,
@@ -609,13 +763,15 @@ impl Client {
             events,
             finished: false,
             receipts: Default::default(),
+            taken,
+            persist: self.shared.persist.clone(),
             on_drop: Some(Box::new(move || {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
                 let mut state = lock(&shared.state);
                 if let Some(follow) = state.follows.remove(&conv) {
-                    if let Some(seq) = follow.cursor.at {
+                    if let Some(seq) = *lock(&follow.taken) {
                         let epoch = follow.epoch;
                         state.left.insert(conv, Position { epoch, seq });
                     }
@@ -695,7 +851,7 @@ impl Client {
         let request = Request::Page {
             conv,
             before,
-            limit: limit.clamp(1, limits::MAX_HISTORY_LIMIT),
+            limit,
         };
         match self.request(request).await? {
             Response::Page {
@@ -809,6 +965,12 @@ impl Client {
         }
     }
 
+    /// How the link to the server is doing, now and on every change: connected, reconnecting,
+    /// answered `UNAVAILABLE`, or closed.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.shared.status.subscribe()
+    }
+
     /// Datagrams from the server that could not be decoded and were dropped.
     pub fn malformed_datagrams(&self) -> u64 {
         self.shared.malformed_datagrams.load(Ordering::Relaxed)
@@ -829,6 +991,9 @@ impl Client {
             }
         };
         self.shared.link_changed.send_modify(|n| *n += 1);
+        self.shared.status.send_replace(Status::Closed {
+            error: ClientError::ConnectionLost("client closed".into()),
+        });
         if let Some(session) = session {
             session.conn.close(0u32.into(), b"bye");
         }
@@ -858,7 +1023,7 @@ impl Shared {
         let state = lock(&self.state);
         let mut cursors = state.left.clone();
         cursors.extend(state.follows.iter().filter_map(|(conv, follow)| {
-            let seq = follow.cursor.at?;
+            let seq = (*lock(&follow.taken))?;
             Some((
                 *conv,
                 Position {
@@ -874,7 +1039,7 @@ impl Shared {
     }
 
     /// Settles an outbox entry with the server's answer.
-    fn on_send_reply(&self, key: u64, result: Result<Response, ClientError>) {
+    fn on_send_reply(self: &Arc<Self>, key: u64, result: Result<Response, ClientError>) {
         let mut state = lock(&self.state);
         let outcome = match result {
             Ok(Response::Sent {
@@ -883,9 +1048,11 @@ impl Shared {
                 at_ms,
                 duplicate,
             }) => {
+                state.held.remove(&key);
                 let Some(entry) = state.outbox.remove(key) else {
                     return;
                 };
+                self.recovered(&mut state);
                 Ok(Sent {
                     conv,
                     seq,
@@ -895,16 +1062,34 @@ impl Shared {
                 })
             }
             Ok(other) => {
+                state.held.remove(&key);
                 state.outbox.remove(key);
+                self.recovered(&mut state);
                 Err(unexpected(other))
             }
             Err(e) if is_permanent(&e) => {
+                state.held.remove(&key);
                 state.outbox.remove(key);
+                // An answer about the request: the server serves.
+                if matches!(e, ClientError::Server(_)) {
+                    self.recovered(&mut state);
+                }
                 Err(e)
             }
+            Err(ClientError::Server(body)) if body.code != ErrorCode::RATE_LIMITED => {
+                // The server cannot serve now (5xx): held for the next retry round, with every
+                // other send it refuses meanwhile.
+                state.held.insert(key);
+                let round = self.hold(&mut state, &body);
+                drop(state);
+                if let Some(delay) = round {
+                    schedule_round(Arc::downgrade(self), delay);
+                }
+                return;
+            }
             Err(e) => {
-                // The server could not take it now: try again shortly on this connection (a
-                // reconnect re-sends it anyway).
+                // Rate-limited: try again on this connection after the wait the server named
+                // (a reconnect re-sends it anyway).
                 let delay = match &e {
                     ClientError::Server(body) => body.retry_after_ms.unwrap_or(500),
                     _ => 500,
@@ -923,12 +1108,128 @@ impl Shared {
         if let Some(waiter) = state.send_waiters.remove(&key) {
             let _ = waiter.send(outcome);
         }
+        // Whatever is still held (the probe was answered otherwise) needs a round.
+        let round = if state.held.is_empty() || state.unavailable.round_scheduled {
+            None
+        } else {
+            state.unavailable.round_scheduled = true;
+            Some(UNAVAILABLE_RETRY)
+        };
         drop(state);
+        if let Some(delay) = round {
+            schedule_round(Arc::downgrade(self), delay);
+        }
         self.persist_soon();
     }
 
+    /// Notes a 5xx answer: the stall clock starts (if it was not running) and the status says
+    /// so. Returns the wait before the next retry round, unless one is already scheduled.
+    fn hold(&self, state: &mut State, error: &ErrorBody) -> Option<Duration> {
+        let now = Instant::now();
+        let unavailable = &mut state.unavailable;
+        unavailable.stall.begin(now);
+        unavailable.last = Some(error.clone());
+        if matches!(state.link, Link::Up(_)) {
+            self.status.send_if_modified(|status| {
+                let changed = !matches!(status, Status::Unavailable { .. });
+                if changed {
+                    tracing::info!(error = %error, "the server is unavailable; retrying with backoff");
+                    *status = Status::Unavailable {
+                        error: error.clone(),
+                    };
+                }
+                changed
+            });
+        }
+        if unavailable.round_scheduled {
+            return None;
+        }
+        unavailable.round_scheduled = true;
+        let asked = error
+            .retry_after_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)));
+        let mut delay = unavailable
+            .backoff
+            .next_delay(asked, rand::random_range(0.5..=1.0));
+        if let Some(left) = unavailable.stall.left(now, self.config.give_up_after) {
+            delay = delay.min(left);
+        }
+        Some(delay)
+    }
+
+    /// The server served a request again: everything held goes out now, in order.
+    fn recovered(&self, state: &mut State) {
+        if !state.unavailable.stall.end() {
+            return;
+        }
+        state.unavailable.backoff.reset();
+        state.unavailable.last = None;
+        let Link::Up(session) = &state.link else {
+            return;
+        };
+        let session = session.clone();
+        self.status.send_replace(Status::Connected);
+        tracing::info!("the server serves again");
+        for key in std::mem::take(&mut state.held) {
+            if let Some(entry) = state.outbox.get(key) {
+                session.outgoing.send(entry.request(), ReplyTo::Send(key));
+            }
+        }
+        for conv in std::mem::take(&mut state.held_follows) {
+            if let Some(follow) = state.follows.get_mut(&conv) {
+                resume_follow(conv, follow, &session);
+            }
+        }
+    }
+
+    /// A retry round: after too long without progress the client gives up; otherwise the
+    /// oldest held send goes out as a probe (the others follow once the server takes one) and
+    /// held subscriptions are made again.
+    fn retry_round(self: &Arc<Self>) {
+        let mut state = lock(&self.state);
+        state.unavailable.round_scheduled = false;
+        if state.held.is_empty() && state.held_follows.is_empty() {
+            return;
+        }
+        let left = state
+            .unavailable
+            .stall
+            .left(Instant::now(), self.config.give_up_after);
+        if left == Some(Duration::ZERO) {
+            let last = state.unavailable.last.clone().map_or_else(
+                || ClientError::ConnectionLost("no progress".into()),
+                ClientError::Server,
+            );
+            drop(state);
+            self.give_up(ClientError::GaveUp {
+                waited: self.config.give_up_after.unwrap_or_default(),
+                last: Box::new(last),
+            });
+            return;
+        }
+        // While reconnecting, the next connection re-sends and resubscribes everything.
+        let Link::Up(session) = &state.link else {
+            return;
+        };
+        let session = session.clone();
+        if let Some(&probe) = state.held.first() {
+            if let Some(entry) = state.outbox.get(probe) {
+                session.outgoing.send(entry.request(), ReplyTo::Send(probe));
+            }
+        }
+        for conv in std::mem::take(&mut state.held_follows) {
+            if let Some(follow) = state.follows.get_mut(&conv) {
+                resume_follow(conv, follow, &session);
+            }
+        }
+    }
+
     /// A subscription request was answered.
-    fn on_subscribe_reply(&self, conv: ConversationId, result: Result<Response, ClientError>) {
+    fn on_subscribe_reply(
+        self: &Arc<Self>,
+        conv: ConversationId,
+        result: Result<Response, ClientError>,
+    ) {
         let mut state = lock(&self.state);
         let epoch = state.epoch;
         let Some(follow) = state.follows.get_mut(&conv) else {
@@ -939,10 +1240,12 @@ impl Shared {
                 follow.epoch = epoch;
                 if follow.cursor.at.is_none() {
                     follow.cursor.at = Some(head);
+                    lock(&follow.taken).get_or_insert(head);
                 }
                 if let Some(ready) = follow.ready.take() {
                     let _ = ready.send(Ok(head));
                 }
+                self.recovered(&mut state);
                 return;
             }
             Ok(Response::CursorReset { epoch, head, .. }) => {
@@ -951,6 +1254,18 @@ impl Shared {
             Ok(Response::Pruned { oldest, head, .. }) => ClientError::Pruned { oldest, head },
             Ok(other) => unexpected(other),
             Err(e) if is_permanent(&e) => e,
+            // The first answer goes to the caller of `subscribe`, who decides.
+            Err(e) if follow.ready.is_some() => e,
+            Err(ClientError::Server(body)) if body.code != ErrorCode::RATE_LIMITED => {
+                // A resumed subscription the server cannot serve now: again in the next round.
+                state.held_follows.insert(conv);
+                let round = self.hold(&mut state, &body);
+                drop(state);
+                if let Some(delay) = round {
+                    schedule_round(Arc::downgrade(self), delay);
+                }
+                return;
+            }
             // The connection is going: the next one subscribes again.
             Err(_) => return,
         };
@@ -1075,7 +1390,12 @@ fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Conne
         conn: conn.clone(),
         outgoing: Arc::new(Requests::new(queue)),
     });
-    tokio::spawn(write_requests(send, requests, pending.clone()));
+    tokio::spawn(write_requests(
+        send,
+        requests,
+        pending.clone(),
+        Arc::downgrade(shared),
+    ));
     tokio::spawn(read_replies(reader, pending, Arc::downgrade(shared)));
     tokio::spawn(accept_deliveries(conn.clone(), Arc::downgrade(shared)));
     // Presence versions count within one daemon run; a new connection may reach a new run.
@@ -1090,23 +1410,49 @@ fn start_session(shared: &Arc<Shared>, established: Established) -> quinn::Conne
         let mut state = lock(&shared.state);
         state.epoch = epoch;
         for (conv, follow) in state.follows.iter_mut() {
-            follow.stream = None;
-            let start = match follow.cursor.at {
-                Some(seq) => StartAt::After(Position {
-                    epoch: follow.epoch,
-                    seq,
-                }),
-                None => follow.start,
-            };
-            follow.request = Some(session.subscribe(*conv, start));
+            resume_follow(*conv, follow, &session);
         }
+        // Everything goes out again now, held or not, in order.
+        state.held.clear();
+        state.held_follows.clear();
         for (key, entry) in state.outbox.pending() {
             session.outgoing.send(entry.request(), ReplyTo::Send(key));
         }
+        let status = match &state.unavailable.last {
+            Some(error) if state.unavailable.stall.is_stalled() => Status::Unavailable {
+                error: error.clone(),
+            },
+            _ => Status::Connected,
+        };
         state.link = Link::Up(session);
+        shared.status.send_replace(status);
     }
     shared.link_changed.send_modify(|n| *n += 1);
     conn
+}
+
+/// Subscribes a followed conversation again on `session`: after its cursor, or from where it
+/// first asked if it holds none yet.
+fn resume_follow(conv: ConversationId, follow: &mut Follow, session: &Session) {
+    follow.stream = None;
+    let start = match follow.cursor.at {
+        Some(seq) => StartAt::After(Position {
+            epoch: follow.epoch,
+            seq,
+        }),
+        None => follow.start,
+    };
+    follow.request = Some(session.subscribe(conv, start));
+}
+
+/// Runs a retry round after `delay`.
+fn schedule_round(shared: Weak<Shared>, delay: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        if let Some(shared) = shared.upgrade() {
+            shared.retry_round();
+        }
+    });
 }
 
 /// Keeps the client connected until it is closed or dropped.
@@ -1132,20 +1478,51 @@ async fn supervise(shared: Weak<Shared>, mut conn: quinn::Connection) {
             state.link = Link::Down(reason.clone());
         }
         strong.link_changed.send_modify(|n| *n += 1);
+        strong.status.send_replace(Status::Reconnecting {
+            error: reason.clone(),
+        });
         drop(strong);
         tracing::info!(reason = %reason, "connection lost; reconnecting");
 
         let mut delay = config.reconnect_initial;
+        let mut stall = Stall::default();
+        stall.begin(Instant::now());
+        let mut last = reason;
         let established = loop {
-            let jittered = delay.mul_f64(rand::random::<f64>());
-            tokio::time::sleep(jittered).await;
+            let mut wait = delay.mul_f64(rand::random::<f64>());
+            let left = stall.left(Instant::now(), config.give_up_after);
+            if let Some(left) = left {
+                if left.is_zero() {
+                    if let Some(strong) = shared.upgrade() {
+                        strong.give_up(ClientError::GaveUp {
+                            waited: config.give_up_after.unwrap_or_default(),
+                            last: Box::new(last),
+                        });
+                    }
+                    return;
+                }
+                wait = wait.min(left);
+            }
+            tokio::time::sleep(wait).await;
             if shared
                 .upgrade()
                 .is_none_or(|s| matches!(lock(&s.state).link, Link::Closed(_)))
             {
                 return;
             }
-            match establish(&config, &endpoint).await {
+            // An attempt never runs past the point of giving up.
+            let attempt = match stall.left(Instant::now(), config.give_up_after) {
+                Some(left) => tokio::time::timeout(left, establish(&config, &endpoint))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ClientError::Connect {
+                            server: config.server.clone(),
+                            reason: "timed out".into(),
+                        })
+                    }),
+                None => establish(&config, &endpoint).await,
+            };
+            match attempt {
                 Ok(established) => break established,
                 Err(e) if gives_up(&e) => {
                     if let Some(strong) = shared.upgrade() {
@@ -1155,6 +1532,17 @@ async fn supervise(shared: Weak<Shared>, mut conn: quinn::Connection) {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, ?delay, "reconnect failed");
+                    if let Some(strong) = shared.upgrade() {
+                        let mut state = lock(&strong.state);
+                        if let Link::Down(error) = &mut state.link {
+                            *error = e.clone();
+                        }
+                        drop(state);
+                        strong
+                            .status
+                            .send_replace(Status::Reconnecting { error: e.clone() });
+                    }
+                    last = e;
                     delay = (delay * 2).min(config.reconnect_max);
                 }
             }
@@ -1176,10 +1564,14 @@ fn gives_up(e: &ClientError) -> bool {
 }
 
 impl Shared {
-    /// Fails everything waiting: the client will not reconnect.
+    /// Fails everything waiting: the client will not reconnect. Unacknowledged sends stay in
+    /// the outbox (and the state file).
     fn give_up(&self, reason: ClientError) {
-        tracing::warn!(reason = %reason, "giving up reconnecting");
+        tracing::warn!(reason = %reason, "giving up");
         let mut state = lock(&self.state);
+        if let Link::Up(session) = &state.link {
+            session.conn.close(0u32.into(), b"gave up");
+        }
         state.link = Link::Closed(reason.clone());
         for (_, waiter) in state.send_waiters.drain() {
             let _ = waiter.send(Err(reason.clone()));
@@ -1196,6 +1588,7 @@ impl Shared {
         }
         drop(state);
         self.link_changed.send_modify(|n| *n += 1);
+        self.status.send_replace(Status::Closed { error: reason });
     }
 }
 
@@ -1228,6 +1621,7 @@ async fn write_requests(
     mut send: quinn::SendStream,
     mut requests: mpsc::UnboundedReceiver<Outgoing>,
     pending: Arc<Mutex<Pending>>,
+    shared: Weak<Shared>,
 ) {
     let mut buf = Vec::new();
     while let Some(first) = requests.recv().await {
@@ -1238,10 +1632,11 @@ async fn write_requests(
                 Ok(bytes) => buf.extend_from_slice(&bytes),
                 Err(e) => {
                     let reply = lock(&pending).replies.remove(&id);
-                    if let Some(ReplyTo::Caller(reply)) = reply {
-                        let _ =
-                            reply.send(Err(ClientError::Config(format!("request too large: {e}"))));
-                    }
+                    let error = ClientError::Invalid(ErrorBody::new(
+                        ErrorCode::FRAME_TOO_LARGE,
+                        format!("the request does not fit in one frame: {e}"),
+                    ));
+                    answer_unsent(reply, error, &shared);
                 }
             }
             if buf.len() < 64 * 1024 {
@@ -1254,6 +1649,29 @@ async fn write_requests(
         buf.clear();
     }
     let _ = send.finish();
+}
+
+/// Answers a request that could not be sent, whatever waits for its reply: a caller, an outbox
+/// entry (which then leaves the outbox) or a subscription.
+fn answer_unsent(reply: Option<ReplyTo>, error: ClientError, shared: &Weak<Shared>) {
+    match reply {
+        Some(ReplyTo::Caller(reply)) => {
+            let _ = reply.send(Err(error));
+        }
+        Some(ReplyTo::Send(key)) => {
+            if let Some(shared) = shared.upgrade() {
+                shared.on_send_reply(key, Err(error));
+            }
+        }
+        Some(ReplyTo::Subscribe(conv)) => {
+            if let Some(shared) = shared.upgrade() {
+                shared.on_subscribe_reply(conv, Err(error));
+            }
+        }
+        Some(ReplyTo::Nobody) | None => {
+            tracing::debug!(error = %error, "dropped a request that cannot be sent");
+        }
+    }
 }
 
 /// Matches replies to requests. When the connection ends, callers waiting for a reply fail;
@@ -1411,12 +1829,8 @@ async fn read_delivery(
                 // follow the conversation again from the cursor, on this connection if it is up.
                 Ok(None) => {
                     follow.stream = None;
-                    if let (Link::Up(session), Some(seq)) = (&state.link, follow.cursor.at) {
-                        let start = StartAt::After(Position {
-                            epoch: follow.epoch,
-                            seq,
-                        });
-                        follow.request = Some(session.subscribe(conv, start));
+                    if let (Link::Up(session), Some(_)) = (&state.link, follow.cursor.at) {
+                        resume_follow(conv, follow, session);
                     }
                     return;
                 }
@@ -1516,5 +1930,134 @@ impl FrameReader {
                 Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A client's shared state with no connection.
+    fn offline(restored: Restored) -> Arc<Shared> {
+        let config = ClientConfig::new("127.0.0.1:9", vec![], "quip_x");
+        let endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let user = "alice".parse().unwrap();
+        Arc::new(Shared::new(
+            config,
+            endpoint,
+            user,
+            Epoch([1; 16]),
+            restored,
+            false,
+        ))
+    }
+
+    fn too_large() -> ClientError {
+        ClientError::Invalid(ErrorBody::new(ErrorCode::FRAME_TOO_LARGE, "too large"))
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_be_sent_is_answered_whatever_waits_for_it() {
+        let shared = offline(Restored::default());
+        let weak = Arc::downgrade(&shared);
+        let conv = ConversationId(7);
+
+        let (waiter, sent) = oneshot::channel();
+        let key = {
+            let mut state = lock(&shared.state);
+            let entry = OutboxEntry::message(conv, ClientMessageId([1; 16]), "hi");
+            let key = state.outbox.push(entry);
+            state.send_waiters.insert(key, waiter);
+            key
+        };
+        answer_unsent(Some(ReplyTo::Send(key)), too_large(), &weak);
+        let outcome = sent.await.unwrap();
+        assert_eq!(
+            outcome.unwrap_err().code(),
+            Some(ErrorCode::FRAME_TOO_LARGE)
+        );
+        assert_eq!(
+            lock(&shared.state).outbox.pending().count(),
+            0,
+            "it left the outbox"
+        );
+
+        let (route, _events) = mpsc::channel(1);
+        let (ready, subscribed) = oneshot::channel();
+        lock(&shared.state).follows.insert(
+            conv,
+            Follow {
+                cursor: Cursor::default(),
+                taken: Taken::default(),
+                epoch: Epoch([1; 16]),
+                start: StartAt::Latest,
+                route,
+                stream: None,
+                ready: Some(ready),
+                request: None,
+            },
+        );
+        answer_unsent(Some(ReplyTo::Subscribe(conv)), too_large(), &weak);
+        let answer = subscribed.await.unwrap();
+        assert_eq!(answer.unwrap_err().code(), Some(ErrorCode::FRAME_TOO_LARGE));
+        assert!(lock(&shared.state).follows.is_empty(), "the follow is gone");
+
+        let (reply, answered) = oneshot::channel();
+        answer_unsent(Some(ReplyTo::Caller(reply)), too_large(), &weak);
+        assert!(answered.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_saved_send_no_server_would_take_is_answered_and_leaves_the_state_file() {
+        let conv = ConversationId(7);
+        let mut saved = SavedState::default();
+        let big = "q".repeat(limits::MAX_TEXT_LEN + 1);
+        saved
+            .outbox
+            .push(OutboxEntry::message(conv, ClientMessageId([1; 16]), big));
+        saved
+            .outbox
+            .push(OutboxEntry::message(conv, ClientMessageId([2; 16]), "fine"));
+        let restored = Restored::from_state_file(&mut saved);
+        assert_eq!(saved.outbox.len(), 1, "only the valid entry is kept");
+        assert_eq!(saved.outbox[0].text, "fine");
+        let shared = offline(restored);
+        let client = Client { shared };
+        assert_eq!(client.pending_sends().len(), 1);
+        let mut resumed = client.resumed_sends().into_iter();
+        let refused = resumed.next().unwrap();
+        assert_eq!(refused.entry.id, ClientMessageId([1; 16]));
+        let outcome = refused.outcome().await;
+        assert_eq!(
+            outcome.unwrap_err().code(),
+            Some(ErrorCode::MESSAGE_TOO_LARGE)
+        );
+        assert_eq!(resumed.next().unwrap().entry.text, "fine");
+        assert!(client.resumed_sends().is_empty(), "handed out once");
+    }
+
+    #[tokio::test]
+    async fn a_send_over_the_limit_fails_at_once_and_never_enters_the_outbox() {
+        let client = Client {
+            shared: offline(Restored::default()),
+        };
+        let conv = ConversationId(7);
+        let outcome = client
+            .send(conv, "q".repeat(limits::MAX_TEXT_LEN + 1))
+            .await;
+        assert_eq!(
+            outcome.unwrap_err().code(),
+            Some(ErrorCode::MESSAGE_TOO_LARGE)
+        );
+        let outcome = client.react(conv, Seq(1), "not one emoji").await;
+        assert_eq!(
+            outcome.unwrap_err().code(),
+            Some(ErrorCode::INVALID_REQUEST)
+        );
+        assert!(client.pending_sends().is_empty());
+        let page = client.page(conv, None, 0).await;
+        assert_eq!(page.unwrap_err().code(), Some(ErrorCode::INVALID_REQUEST));
     }
 }

@@ -37,6 +37,11 @@ pub struct ClientConfig {
     pub state_file: Option<std::path::PathBuf>,
     /// Report what subscriptions receive as delivered (the second tick other members see).
     pub report_delivered: bool,
+    /// How long the client goes on without progress before it gives up: every reconnect
+    /// attempt failing, or the server answering only `UNAVAILABLE`. Then every waiting call
+    /// fails with `ClientError::GaveUp` and the client is closed; unacknowledged sends stay in
+    /// the state file. `None` (the default): it keeps trying for as long as it lives.
+    pub give_up_after: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -58,6 +63,7 @@ impl ClientConfig {
             reconnect_max: Duration::from_secs(5),
             state_file: None,
             report_delivered: true,
+            give_up_after: None,
         }
     }
 
@@ -70,7 +76,9 @@ impl ClientConfig {
         let path = ca_file.as_ref();
         let ca = CertificateDer::pem_file_iter(path)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| ClientError::Config(format!("CA file {}: {e}", path.display())))?;
+            .map_err(|e| {
+                ClientError::Config(format!("CA file {}: {}", path.display(), describe_pem(&e)))
+            })?;
         if ca.is_empty() {
             return Err(ClientError::Config(format!(
                 "CA file {} holds no certificate",
@@ -90,9 +98,16 @@ impl ClientConfig {
         let (cert, key) = (cert.as_ref(), key.as_ref());
         let chain = CertificateDer::pem_file_iter(cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| ClientError::Config(format!("certificate {}: {e}", cert.display())))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| ClientError::Config(format!("key {}: {e}", key.display())))?;
+            .map_err(|e| {
+                ClientError::Config(format!(
+                    "certificate {}: {}",
+                    cert.display(),
+                    describe_pem(&e)
+                ))
+            })?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            ClientError::Config(format!("key {}: {}", key.display(), describe_pem(&e)))
+        })?;
         self.client_identity = Some(ClientIdentity { chain, key });
         self.token = String::new();
         Ok(self)
@@ -147,6 +162,26 @@ impl ClientConfig {
     }
 }
 
+/// A PEM error in words (the parser's own message shows a missing end marker as a list of
+/// bytes).
+fn describe_pem(error: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match error {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "it ends without a `-----END {}-----` line: the file is cut short",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "the line `{}` is not a valid BEGIN line",
+            String::from_utf8_lossy(line).trim()
+        ),
+        Error::Base64Decode(e) => format!("the text between BEGIN and END is not base64 ({e})"),
+        Error::Io(e) => e.to_string(),
+        Error::NoItemsFound => "it holds no PEM item of the kind needed".into(),
+        other => other.to_string(),
+    }
+}
+
 /// A client certificate chain and its private key.
 pub struct ClientIdentity {
     pub chain: Vec<CertificateDer<'static>>,
@@ -173,6 +208,20 @@ impl std::fmt::Debug for ClientIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_ca_file_is_told_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n").unwrap();
+        let err = ClientConfig::from_ca_file("127.0.0.1:4433", &path, "t").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("-----END CERTIFICATE-----") && err.contains("cut short"),
+            "{err}"
+        );
+        assert!(!err.contains("[67, 69"), "{err}");
+    }
 
     #[test]
     fn host_is_taken_from_the_server_address() {

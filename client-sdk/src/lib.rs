@@ -34,11 +34,12 @@ mod ephemeral;
 mod error;
 mod outbox;
 mod persist;
+mod retry;
 mod subscription;
 mod timeline;
 mod typing;
 
-pub use client::{Client, Page, Sent};
+pub use client::{Client, Page, Resumed, Sent, Status};
 pub use config::{ClientConfig, ClientIdentity};
 pub use ephemeral::{EphemeralEvent, EphemeralEvents};
 pub use error::ClientError;

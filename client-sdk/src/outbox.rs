@@ -141,7 +141,7 @@ pub(crate) fn is_permanent(error: &ClientError) -> bool {
             !(500..600).contains(&body.code.0)
                 && body.code != quip_protocol::ErrorCode::RATE_LIMITED
         }
-        ClientError::Config(_) => true,
+        ClientError::Config(_) | ClientError::Invalid(_) => true,
         _ => false,
     }
 }
@@ -219,5 +219,7 @@ mod tests {
         assert!(!is_permanent(&server(ErrorCode::GOING_AWAY)));
         assert!(!is_permanent(&server(ErrorCode::RATE_LIMITED)));
         assert!(!is_permanent(&ClientError::ConnectionLost("x".into())));
+        let invalid = ErrorBody::new(ErrorCode::MESSAGE_TOO_LARGE, "");
+        assert!(is_permanent(&ClientError::Invalid(invalid)));
     }
 }

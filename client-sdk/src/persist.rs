@@ -24,24 +24,62 @@ pub struct SavedState {
 }
 
 impl SavedState {
-    /// Reads the file; a missing file is an empty state.
+    /// Reads the file; a missing file is an empty state. An empty or unreadable file is an
+    /// error that says how to get going again, never silently an empty state: it may hold
+    /// sends that were never acknowledged.
     pub fn load(path: &Path) -> Result<SavedState, ClientError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                ClientError::Config(format!("state file {} is unreadable: {e}", path.display()))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SavedState::default()),
-            Err(e) => Err(ClientError::Config(format!(
-                "state file {}: {e}",
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SavedState::default()),
+            Err(e) => {
+                return Err(ClientError::Config(format!(
+                    "state file {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ClientError::Config(format!(
+                "state file {} is empty; it holds nothing: remove it and run again (quip \
+                 writes a new one)",
                 path.display()
-            ))),
+            )));
         }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ClientError::Config(format!(
+                "state file {} is not a quip state file ({e}); move it aside and run again to \
+                 start afresh (the unacknowledged sends it may hold are then not re-sent)",
+                path.display()
+            ))
+        })
     }
 
-    /// Replaces the file with this state, atomically.
+    /// Reads the file of a client that starts: [`SavedState::load`], and an error if the
+    /// directory it is to be written in does not exist.
+    pub fn open(path: &Path) -> Result<SavedState, ClientError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(ClientError::Config(format!(
+                    "state file {}: the directory {} does not exist",
+                    path.display(),
+                    dir.display()
+                )));
+            }
+        }
+        Self::load(path)
+    }
+
+    /// Replaces the file with this state, atomically. Mode 0600: it holds message texts.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let tmp = temporary_path(path);
-        let mut file = std::fs::File::create(&tmp)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        // A temporary file left behind by a crash keeps its old mode through `open`.
+        #[cfg(unix)]
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         file.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -102,5 +140,31 @@ mod tests {
         let old = r#"{"cursors":{},"outbox":[{"conv":3,"id":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"text":"hi"}]}"#;
         let state: SavedState = serde_json::from_str(old).unwrap();
         assert_eq!(state.outbox[0].action, crate::outbox::Action::Message);
+    }
+
+    #[test]
+    fn the_file_is_private_and_bad_files_say_how_to_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        // A temporary file left behind with a looser mode does not keep it.
+        std::fs::write(temporary_path(&path), b"{}").unwrap();
+        SavedState::default().save(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+        std::fs::write(&path, b"").unwrap();
+        let empty = SavedState::load(&path).unwrap_err().to_string();
+        assert!(
+            empty.contains("is empty") && empty.contains("remove it"),
+            "{empty}"
+        );
+        std::fs::write(&path, b"{\"cursors\": [").unwrap();
+        let corrupt = SavedState::load(&path).unwrap_err().to_string();
+        assert!(corrupt.contains("move it aside"), "{corrupt}");
+
+        let nowhere = dir.path().join("missing").join("state.json");
+        let missing = SavedState::open(&nowhere).unwrap_err().to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
     }
 }

@@ -1,7 +1,8 @@
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use quip_protocol::{ConversationId, ErrorBody, Event, Receipt, Seq, UserName};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::ClientError;
 
@@ -36,6 +37,10 @@ pub(crate) enum Delivered {
     Lost(ClientError),
 }
 
+/// The seq of the last event the app took from a subscription: what the state file keeps, so
+/// that events still buffered when the app stops are delivered again by the next run.
+pub(crate) type Taken = Arc<Mutex<Option<Seq>>>;
+
 /// The live events of one conversation, in seq order with no gap and no duplicate.
 ///
 /// Dropping it unsubscribes.
@@ -47,6 +52,9 @@ pub struct Subscription {
     pub(crate) on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
     /// The latest receipt cursors seen, per member.
     pub(crate) receipts: BTreeMap<UserName, Receipt>,
+    pub(crate) taken: Taken,
+    /// Wakes the state file's writer when the app took an event.
+    pub(crate) persist: Option<Arc<Notify>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -91,7 +99,13 @@ impl Subscription {
             return None;
         }
         match self.events.recv().await {
-            Some(Delivered::Event(event, origin)) => Some(Ok(Update::Event { event, origin })),
+            Some(Delivered::Event(event, origin)) => {
+                *self.taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(event.seq);
+                if let Some(persist) = &self.persist {
+                    persist.notify_one();
+                }
+                Some(Ok(Update::Event { event, origin }))
+            }
             Some(Delivered::Receipt(receipt)) => {
                 self.receipts.insert(receipt.user.clone(), receipt.clone());
                 Some(Ok(Update::Receipt(receipt)))

@@ -6,12 +6,17 @@
 //! sled lets one process open a store, so while the daemon runs these commands go through its
 //! admin socket (`DATA/admin.sock`, mode 0600, and only the daemon's own uid is served); when it
 //! does not run, the command opens the store itself. Either way the same code does the work.
+//! A command offline works only on a store that exists (unless asked to make one), so that a
+//! mistyped data directory is an error rather than a new, empty store; it waits a while for
+//! another command that holds the store; and a daemon that does not answer is an error after a
+//! timeout, never a hang.
 //! The socket speaks JSON lines: one request object, one response object. A backup is answered
 //! with one `backup` line, then the backup file's bytes until the daemon closes the connection.
 
 use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use quip_protocol::UserName;
@@ -29,7 +34,7 @@ use crate::presence::{EphemeralLimits, PresenceHandle};
 use crate::server::{admin_socket, store_dir, Shared};
 use crate::store::backup::{self, BackupError, BackupSummary};
 use crate::store::CredentialKind;
-use crate::store::{Store, StoreConfig};
+use crate::store::{detect_backend, Store, StoreConfig, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -133,6 +138,26 @@ pub enum AdminResponse {
 
 /// Longest admin request line accepted.
 const MAX_REQUEST_LINE: u64 = 64 * 1024;
+
+/// How an admin command reaches the store.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminOptions {
+    /// Without a running daemon, make a new store if the data directory holds none; otherwise
+    /// that is an error.
+    pub create: bool,
+    /// How long to wait for the running daemon's answer, and for another process to let go of
+    /// the store.
+    pub timeout: Duration,
+}
+
+impl Default for AdminOptions {
+    fn default() -> Self {
+        AdminOptions {
+            create: false,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// What admin requests act on: the running daemon's, or a store opened offline.
 struct Scope<'a> {
@@ -392,8 +417,19 @@ impl std::io::Write for ChannelWriter {
 /// Writes a consistent backup of the data directory's store to `out`: taken by the running
 /// daemon if there is one, from the store directly if not.
 pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary> {
+    backup_with(data_dir, out, AdminOptions::default()).await
+}
+
+/// [`backup`], with these options; a daemon that sends nothing for `options.timeout` fails
+/// it.
+pub async fn backup_with(
+    data_dir: &Path,
+    out: &Path,
+    options: AdminOptions,
+) -> anyhow::Result<BackupSummary> {
     let socket = admin_socket(data_dir);
     let path = out.to_owned();
+    let silent = || unanswered(&socket, options.timeout, &AdminRequest::Backup);
     match UnixStream::connect(&socket).await {
         Ok(stream) => {
             let (read, mut write) = stream.into_split();
@@ -402,7 +438,9 @@ pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary
             write.write_all(&line).await?;
             let mut read = BufReader::new(read);
             let mut answer = String::new();
-            read.read_line(&mut answer).await?;
+            tokio::time::timeout(options.timeout, read.read_line(&mut answer))
+                .await
+                .map_err(|_| silent())??;
             match serde_json::from_str(&answer) {
                 Ok(AdminResponse::Backup { .. }) => {}
                 Ok(AdminResponse::Error { message }) => anyhow::bail!(message),
@@ -422,7 +460,9 @@ pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary
             });
             let mut buf = vec![0u8; 256 * 1024];
             loop {
-                let n = read.read(&mut buf).await?;
+                let n = tokio::time::timeout(options.timeout, read.read(&mut buf))
+                    .await
+                    .map_err(|_| silent())??;
                 if n == 0 || chunks.send(buf[..n].to_vec()).is_err() {
                     break;
                 }
@@ -433,7 +473,13 @@ pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary
             Ok(tokio::task::spawn_blocking(move || backup::inspect(&path)).await??)
         }
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            let store = open_offline(data_dir)?;
+            let store = match open_offline(data_dir, options).await? {
+                Offline::Store(store) => store,
+                // A daemon started meanwhile: it takes the backup.
+                Offline::DaemonStarted => {
+                    return Box::pin(backup_with(data_dir, out, options)).await
+                }
+            };
             let snapshot = store.snapshot().await?;
             Ok(tokio::task::spawn_blocking(move || backup::write_file(&snapshot, &path)).await??)
         }
@@ -441,20 +487,76 @@ pub async fn backup(data_dir: &Path, out: &Path) -> anyhow::Result<BackupSummary
     }
 }
 
-/// Opens the store of a data directory whose daemon is not running.
-fn open_offline(data_dir: &Path) -> anyhow::Result<Store> {
-    let config = StoreConfig::existing(store_dir(data_dir), 16 * 1024 * 1024)?;
-    Ok(Store::open(&config)?)
+/// What an admin command without a running daemon got.
+enum Offline {
+    Store(Store),
+    /// The store was locked, and a daemon answers on the admin socket now.
+    DaemonStarted,
+}
+
+/// Opens the store of a data directory whose daemon is not running: one that exists (or,
+/// with `options.create`, a new one). Another process holding it (a command like this one) is
+/// waited for, up to `options.timeout`.
+async fn open_offline(data_dir: &Path, options: AdminOptions) -> anyhow::Result<Offline> {
+    let dir = store_dir(data_dir);
+    if !options.create && detect_backend(&dir)?.is_none() {
+        anyhow::bail!(
+            "{} holds no quip store ({} is missing or empty): check --data (or QUIPD_DATA, or the \
+             configuration's data_dir); to make a store there, start the daemon once with \
+             `quipd serve --data {}`, or pass --create to `quipd user add`",
+            data_dir.display(),
+            dir.display(),
+            data_dir.display()
+        );
+    }
+    let config = StoreConfig::existing(dir, 16 * 1024 * 1024)?;
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    loop {
+        match Store::open(&config) {
+            Ok(store) => return Ok(Offline::Store(store)),
+            Err(StoreError::Locked(_)) if tokio::time::Instant::now() < deadline => {
+                if UnixStream::connect(admin_socket(data_dir)).await.is_ok() {
+                    return Ok(Offline::DaemonStarted);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(StoreError::Locked(path)) => anyhow::bail!(
+                "the store in {} has been in use by another process for {} s, and no daemon \
+                 answers on {}: another quipd command is working on it (or a daemon is \
+                 starting); try again when it is done",
+                path.display(),
+                options.timeout.as_secs(),
+                admin_socket(data_dir).display()
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Runs an admin request against the data directory: through the running daemon if there is
 /// one, on the store directly if not.
 pub async fn run(data_dir: &Path, request: AdminRequest) -> anyhow::Result<AdminResponse> {
+    run_with(data_dir, request, AdminOptions::default()).await
+}
+
+/// [`run`], with these options.
+pub async fn run_with(
+    data_dir: &Path,
+    request: AdminRequest,
+    options: AdminOptions,
+) -> anyhow::Result<AdminResponse> {
     let socket = admin_socket(data_dir);
     match UnixStream::connect(&socket).await {
-        Ok(stream) => ask_daemon(stream, &request).await,
+        Ok(stream) => tokio::time::timeout(options.timeout, ask_daemon(stream, &request))
+            .await
+            .map_err(|_| unanswered(&socket, options.timeout, &request))?,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            let store = open_offline(data_dir)?;
+            let store = match open_offline(data_dir, options).await? {
+                Offline::Store(store) => store,
+                Offline::DaemonStarted => {
+                    return Box::pin(run_with(data_dir, request, options)).await
+                }
+            };
             // Nobody is connected; conversations run their sequencers in this process.
             let presence = PresenceHandle::start(store.clone(), EphemeralLimits::default());
             let relay = TypingRelay {
@@ -483,6 +585,25 @@ pub async fn run(data_dir: &Path, request: AdminRequest) -> anyhow::Result<Admin
         }
         Err(e) => Err(e).with_context(|| format!("connecting to {}", socket.display())),
     }
+}
+
+/// A daemon that took the request and did not answer in time.
+fn unanswered(socket: &Path, timeout: Duration, request: &AdminRequest) -> anyhow::Error {
+    let effect = match request {
+        AdminRequest::UserAdd { .. }
+        | AdminRequest::UserAddMany { .. }
+        | AdminRequest::TokenIssue { .. } => {
+            "; it may still act on the request when it resumes, and the token it makes is then \
+             lost: issue one with `quipd token issue NAME`"
+        }
+        AdminRequest::UserList | AdminRequest::TokenList { .. } | AdminRequest::Backup => "",
+        _ => "; it may still act on the request when it resumes",
+    };
+    anyhow::anyhow!(
+        "the daemon did not answer on {} within {} s (is it stopped or overloaded?){effect}",
+        socket.display(),
+        timeout.as_secs()
+    )
 }
 
 async fn ask_daemon(stream: UnixStream, request: &AdminRequest) -> anyhow::Result<AdminResponse> {

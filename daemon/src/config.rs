@@ -32,13 +32,25 @@ pub mod defaults {
     pub const LOG_FILTER: &str = "info";
 }
 
+/// The longest duration any `_ms` setting may have: one day. Far below what QUIC's idle
+/// timeout can carry (2^62 ms) and what a clock can add without overflowing, and above any
+/// sensible timeout or interval.
+pub const MAX_DURATION_MS: u64 = 86_400_000;
+/// The largest store cache, in MiB (1 TiB).
+pub const MAX_CACHE_MB: u64 = 1 << 20;
+/// The longest retention, in days (a hundred years).
+pub const MAX_KEEP_DAYS: u64 = 36_500;
+/// The longest typing relay interval: clients repeat `Typing` every 3 s and receivers drop an
+/// indicator 6 s after the last one, so an interval much past 2 s would let indicators flicker.
+pub const MAX_TYPING_RELAY_INTERVAL_MS: u64 = 2_000;
+
 /// A configuration error, naming the key and why it is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: line {line}: `{key}`: {reason}")]
     Parse {
@@ -49,6 +61,14 @@ pub enum ConfigError {
     },
     #[error("`{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+    /// An invalid value of a file whose line could not be told (a default the file's other
+    /// settings make invalid).
+    #[error("{path}: `{key}`: {reason}")]
+    InFile {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
 }
 
 impl ConfigError {
@@ -57,7 +77,27 @@ impl ConfigError {
         match self {
             ConfigError::Read { .. } => None,
             ConfigError::Parse { key, .. } => Some(key),
-            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Invalid { key, .. } | ConfigError::InFile { key, .. } => Some(key),
+        }
+    }
+
+    /// The error with the file, and the line of the key when the file sets it.
+    fn located(self, path: &Path, text: &str) -> ConfigError {
+        match self {
+            ConfigError::Invalid { key, reason } => match line_of(text, key) {
+                Some(line) => ConfigError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    key: key.to_owned(),
+                    reason,
+                },
+                None => ConfigError::InFile {
+                    path: path.to_owned(),
+                    key,
+                    reason,
+                },
+            },
+            other => other,
         }
     }
 }
@@ -67,6 +107,32 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
         key,
         reason: reason.into(),
     }
+}
+
+/// A count that must lie in `min..=max`.
+fn within<T: PartialOrd + std::fmt::Display + Copy>(
+    key: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, format!("must be {min} to {max}, not {value}")));
+    }
+    Ok(value)
+}
+
+/// A count that must be at least `min`.
+fn at_least(key: &'static str, value: u32, min: u32) -> Result<u32, ConfigError> {
+    if value < min {
+        return Err(invalid(key, format!("must be at least {min}, not {value}")));
+    }
+    Ok(value)
+}
+
+/// A duration in milliseconds, `min_ms` to [`MAX_DURATION_MS`] (or `max_ms` if lower).
+fn millis(key: &'static str, ms: u64, min_ms: u64, max_ms: u64) -> Result<Duration, ConfigError> {
+    within(key, ms, min_ms, max_ms.min(MAX_DURATION_MS)).map(Duration::from_millis)
 }
 
 /// `quipd.toml` as written.
@@ -196,6 +262,24 @@ impl RetentionConfig {
 
 impl PushSection {
     fn push_config(&self) -> Result<Option<PushConfig>, ConfigError> {
+        // Checked even while the hook is off, so that turning it on cannot start a bad value.
+        let batch_window = millis("push.batch_window_ms", self.batch_window_ms, 0, u64::MAX)?;
+        within(
+            "push.per_user_per_minute",
+            self.per_user_per_minute,
+            1,
+            60_000,
+        )?;
+        within("push.max_attempts", self.max_attempts, 1, 1000)?;
+        let retry_initial = millis("push.retry_initial_ms", self.retry_initial_ms, 1, u64::MAX)?;
+        let retry_max = millis(
+            "push.retry_max_ms",
+            self.retry_max_ms,
+            self.retry_initial_ms,
+            u64::MAX,
+        )?;
+        let timeout = millis("push.timeout_ms", self.timeout_ms, 1, u64::MAX)?;
+        within("push.queue", self.queue, 1, 10_000_000)?;
         let hook = match (&self.url, &self.command) {
             (None, None) => return Ok(None),
             (Some(_), Some(_)) => {
@@ -218,31 +302,23 @@ impl PushSection {
                 _ => return Err(invalid("push.command", "names no program")),
             },
         };
-        if self.per_user_per_minute == 0 {
-            return Err(invalid("push.per_user_per_minute", "must be at least 1"));
-        }
-        if self.max_attempts == 0 {
-            return Err(invalid("push.max_attempts", "must be at least 1"));
-        }
-        if self.timeout_ms == 0 {
-            return Err(invalid("push.timeout_ms", "must be more than 0"));
-        }
         Ok(Some(PushConfig {
             hook,
             preview: self.preview,
-            batch_window: Duration::from_millis(self.batch_window_ms),
+            batch_window,
             per_user_interval: Duration::from_secs(60) / self.per_user_per_minute,
             max_attempts: self.max_attempts,
-            retry_initial: Duration::from_millis(self.retry_initial_ms),
-            retry_max: Duration::from_millis(self.retry_max_ms.max(self.retry_initial_ms)),
-            timeout: Duration::from_millis(self.timeout_ms),
-            queue: self.queue.max(1),
+            retry_initial,
+            retry_max,
+            timeout,
+            queue: self.queue,
         }))
     }
 }
 
 impl RetentionSection {
     fn retention_config(&self) -> Result<RetentionConfig, ConfigError> {
+        within("retention.keep_days", self.keep_days, 0, MAX_KEEP_DAYS)?;
         let default = RetentionLimits {
             keep_events: self.keep_events,
             keep_days: self.keep_days,
@@ -256,6 +332,15 @@ impl RetentionSection {
                     format!("{id:?} is not a conversation id"),
                 )
             })?;
+            if limits.keep_days > MAX_KEEP_DAYS {
+                return Err(invalid(
+                    "retention.conversations",
+                    format!(
+                        "keep_days of conversation {id} must be 0 to {MAX_KEEP_DAYS}, not {}",
+                        limits.keep_days
+                    ),
+                ));
+            }
             conversations.insert(conv, limits.retention());
         }
         Ok(RetentionConfig {
@@ -384,6 +469,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name the file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
@@ -410,23 +505,25 @@ pub struct Overrides {
 }
 
 impl ConfigFile {
+    /// Reads a file and makes the runtime configuration of it, the command line on top; every
+    /// error names the file, the key and, when the file sets it, the line.
+    pub fn load_server_config(
+        path: &Path,
+        overrides: &Overrides,
+    ) -> Result<(ConfigFile, ServerConfig), ConfigError> {
+        let text = read(path)?;
+        let file = Self::parse(&text).map_err(|e| e.in_file(path))?;
+        let config = file
+            .clone()
+            .into_server_config(overrides)
+            .map_err(|e| e.located(path, &text))?;
+        Ok((file, config))
+    }
+
     /// Reads and parses a file; errors name the file, the line and the key.
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse {
-                line, key, reason, ..
-            } => ConfigError::Parse {
-                path: path.to_owned(),
-                line,
-                key,
-                reason,
-            },
-            other => other,
-        })
+        let text = read(path)?;
+        Self::parse(&text).map_err(|e| e.in_file(path))
     }
 
     pub fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
@@ -443,7 +540,8 @@ impl ConfigFile {
         })
     }
 
-    /// The runtime configuration: the file, then the command line on top.
+    /// The runtime configuration: the file, then the command line on top. Every value is
+    /// checked against its range here, so that `check-config` finds what `serve` would trip on.
     pub fn into_server_config(self, overrides: &Overrides) -> Result<ServerConfig, ConfigError> {
         let listen = match overrides.listen {
             Some(listen) => listen,
@@ -509,17 +607,33 @@ impl ConfigFile {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        let positive = |key: &'static str, ms: u64| {
-            if ms == 0 {
-                Err(invalid(key, "must be more than 0"))
-            } else {
-                Ok(Duration::from_millis(ms))
-            }
-        };
-        let cache_mb = overrides.cache_mb.unwrap_or(self.cache_mb);
-        if cache_mb == 0 {
-            return Err(invalid("cache_mb", "must be at least 1"));
+        let positive = |key: &'static str, ms: u64| millis(key, ms, 1, u64::MAX);
+        let cache_mb = within(
+            "cache_mb",
+            overrides.cache_mb.unwrap_or(self.cache_mb),
+            1,
+            MAX_CACHE_MB,
+        )?;
+        for (key, value) in [
+            ("limits.datagrams_in_per_sec", limits.datagrams_in_per_sec),
+            ("limits.datagrams_in_burst", limits.datagrams_in_burst),
+            ("limits.datagrams_out_per_sec", limits.datagrams_out_per_sec),
+            ("limits.datagrams_out_burst", limits.datagrams_out_burst),
+        ] {
+            at_least(key, value, 1)?;
         }
+        let presence_grace = millis(
+            "limits.presence_grace_ms",
+            limits.presence_grace_ms,
+            0,
+            u64::MAX,
+        )?;
+        let typing_relay_interval = millis(
+            "limits.typing_relay_interval_ms",
+            limits.typing_relay_interval_ms,
+            0,
+            MAX_TYPING_RELAY_INTERVAL_MS,
+        )?;
         let filter = self.log.filter.trim().to_owned();
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
             return Err(invalid("log.filter", e.to_string()));
@@ -552,12 +666,12 @@ impl ConfigFile {
                 },
                 retry_threshold: limits.retry_threshold as usize,
                 ephemeral: EphemeralLimits {
-                    presence_grace: Duration::from_millis(limits.presence_grace_ms),
+                    presence_grace,
                     datagrams_in_per_sec: limits.datagrams_in_per_sec,
                     datagrams_in_burst: limits.datagrams_in_burst,
                     datagrams_out_per_sec: limits.datagrams_out_per_sec,
                     datagrams_out_burst: limits.datagrams_out_burst,
-                    typing_relay_interval: Duration::from_millis(limits.typing_relay_interval_ms),
+                    typing_relay_interval,
                 },
             },
             max_connections: limits.max_connections,
@@ -578,6 +692,171 @@ impl ConfigFile {
     }
 }
 
+/// Every setting as `quipd check-config` prints it: each key of the file with the value the
+/// daemon runs with (the file's, the default or the command line's, in the file's units), and
+/// the paths it derives (`store_dir`, the resolved `tls.*` files).
+pub fn settings(file: &ConfigFile, config: &ServerConfig) -> Vec<(String, String)> {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let limits = &config.limits;
+    let ephemeral = &limits.ephemeral;
+    let (cert, key) = config.tls_files();
+    let mut all: Vec<(&str, String)> = vec![
+        ("data_dir", config.data_dir.display().to_string()),
+        ("store", config.store.to_string()),
+        (
+            "store_dir",
+            crate::server::store_dir(&config.data_dir)
+                .display()
+                .to_string(),
+        ),
+        ("listen", config.listen.to_string()),
+        ("cache_mb", (config.cache_bytes / (1024 * 1024)).to_string()),
+        ("shutdown_timeout_ms", ms(config.shutdown_timeout)),
+        ("tls.cert", cert.display().to_string()),
+        ("tls.key", key.display().to_string()),
+        ("tls.client_auth", file.tls.client_auth.to_string()),
+        (
+            "tls.client_ca",
+            config.client_ca_file().map_or_else(
+                || "off (tokens only)".to_owned(),
+                |ca| ca.display().to_string(),
+            ),
+        ),
+        ("limits.max_connections", config.max_connections.to_string()),
+        ("limits.handshake_timeout_ms", ms(limits.handshake_timeout)),
+        ("limits.auth_timeout_ms", ms(limits.auth_timeout)),
+        ("limits.idle_timeout_ms", ms(config.idle_timeout)),
+        ("limits.max_frame_len", limits.max_frame_len.to_string()),
+        ("limits.presence_grace_ms", ms(ephemeral.presence_grace)),
+        (
+            "limits.datagrams_in_per_sec",
+            ephemeral.datagrams_in_per_sec.to_string(),
+        ),
+        (
+            "limits.datagrams_in_burst",
+            ephemeral.datagrams_in_burst.to_string(),
+        ),
+        (
+            "limits.datagrams_out_per_sec",
+            ephemeral.datagrams_out_per_sec.to_string(),
+        ),
+        (
+            "limits.datagrams_out_burst",
+            ephemeral.datagrams_out_burst.to_string(),
+        ),
+        (
+            "limits.typing_relay_interval_ms",
+            ms(ephemeral.typing_relay_interval),
+        ),
+        ("limits.max_message_len", limits.max_message_len.to_string()),
+        (
+            "limits.max_members",
+            limits.conversations.max_members.to_string(),
+        ),
+        (
+            "limits.max_conversations_per_user",
+            limits.conversations.max_conversations_per_user.to_string(),
+        ),
+        (
+            "limits.max_connections_per_user",
+            limits.connected.max_connections_per_user.to_string(),
+        ),
+        (
+            "limits.sends_per_sec",
+            limits.connected.sends_per_sec.to_string(),
+        ),
+        (
+            "limits.sends_burst",
+            limits.connected.sends_burst.to_string(),
+        ),
+        ("limits.retry_threshold", limits.retry_threshold.to_string()),
+        ("log.format", config.log.format.as_str().to_owned()),
+        ("log.filter", config.log.filter.clone()),
+        (
+            "metrics.listen",
+            config
+                .metrics_listen
+                .map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
+        ),
+    ];
+    let push = &file.push;
+    let hook = match config.push.as_ref().map(|p| &p.hook) {
+        Some(Hook::Http { url }) => ("push.url", url.clone()),
+        Some(Hook::Command { program, args }) => {
+            let mut command = vec![program.display().to_string()];
+            command.extend(args.iter().cloned());
+            ("push.command", format!("{command:?}"))
+        }
+        None => (
+            "push",
+            "off (neither push.url nor push.command is set)".to_owned(),
+        ),
+    };
+    all.push(hook);
+    let preview = match push.preview {
+        Preview::None => "none",
+        Preview::Sender => "sender",
+        Preview::Text => "text",
+    };
+    all.extend([
+        ("push.preview", preview.to_owned()),
+        ("push.batch_window_ms", push.batch_window_ms.to_string()),
+        (
+            "push.per_user_per_minute",
+            push.per_user_per_minute.to_string(),
+        ),
+        ("push.max_attempts", push.max_attempts.to_string()),
+        ("push.retry_initial_ms", push.retry_initial_ms.to_string()),
+        ("push.retry_max_ms", push.retry_max_ms.to_string()),
+        ("push.timeout_ms", push.timeout_ms.to_string()),
+        ("push.queue", push.queue.to_string()),
+        (
+            "retention.keep_events",
+            file.retention.keep_events.to_string(),
+        ),
+        ("retention.keep_days", file.retention.keep_days.to_string()),
+    ]);
+    let mut all: Vec<(String, String)> = all
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
+    for (id, limits) in &file.retention.conversations {
+        all.push((
+            format!("retention.conversations.{id}.keep_events"),
+            limits.keep_events.to_string(),
+        ));
+        all.push((
+            format!("retention.conversations.{id}.keep_days"),
+            limits.keep_days.to_string(),
+        ));
+    }
+    all
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    })
+}
+
+impl ConfigError {
+    /// A parse error of the text of `path`.
+    fn in_file(self, path: &Path) -> ConfigError {
+        match self {
+            ConfigError::Parse {
+                line, key, reason, ..
+            } => ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                key,
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
@@ -585,6 +864,46 @@ fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError>
             format!("{value:?} is not an IP address with a port (like \"127.0.0.1:4433\" or \"[::]:4433\")"),
         )
     })
+}
+
+/// The line (1-based) that sets the dotted `key` in a TOML text, or the header of the table it
+/// names.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let mut table = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        let dotted = if let Some(header) = line.strip_prefix('[') {
+            table = header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            table.clone()
+        } else if line.starts_with('#') || !line.contains('=') {
+            continue;
+        } else {
+            let name = line
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"');
+            if table.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{table}.{name}")
+            }
+        };
+        let nested = dotted
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+        if nested {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// The line number (1-based) and the dotted key at byte `offset` of a TOML text: the key on
@@ -832,5 +1151,138 @@ mod tests {
             error_key("[retention.conversations.abc]\nkeep_days = 1\n"),
             "retention.conversations"
         );
+    }
+
+    #[test]
+    fn every_range_is_checked_when_the_file_is_read() {
+        for (text, key) in [
+            (
+                "[limits]\nidle_timeout_ms = 18446744073709551615\n",
+                "limits.idle_timeout_ms",
+            ),
+            (
+                "[limits]\nhandshake_timeout_ms = 86400001\n",
+                "limits.handshake_timeout_ms",
+            ),
+            (
+                "[limits]\npresence_grace_ms = 99999999999999999\n",
+                "limits.presence_grace_ms",
+            ),
+            (
+                "[limits]\ntyping_relay_interval_ms = 7000\n",
+                "limits.typing_relay_interval_ms",
+            ),
+            (
+                "[limits]\ndatagrams_in_per_sec = 0\n",
+                "limits.datagrams_in_per_sec",
+            ),
+            (
+                "[limits]\ndatagrams_out_burst = 0\n",
+                "limits.datagrams_out_burst",
+            ),
+            ("cache_mb = 18446744073709551615\n", "cache_mb"),
+            ("shutdown_timeout_ms = 86400001\n", "shutdown_timeout_ms"),
+            (
+                "[retention]\nkeep_days = 18446744073709551615\n",
+                "retention.keep_days",
+            ),
+            (
+                "[retention.conversations.42]\nkeep_days = 99999999\n",
+                "retention.conversations",
+            ),
+            ("[push]\nretry_initial_ms = 0\n", "push.retry_initial_ms"),
+            (
+                "[push]\nretry_initial_ms = 5000\nretry_max_ms = 1000\n",
+                "push.retry_max_ms",
+            ),
+            ("[push]\nqueue = 0\n", "push.queue"),
+            ("[push]\ntimeout_ms = 86400001\n", "push.timeout_ms"),
+        ] {
+            assert_eq!(error_key(text), key, "{text}");
+        }
+        // The edges themselves are fine.
+        server_config(
+            "cache_mb = 1048576\n[limits]\nidle_timeout_ms = 86400000\npresence_grace_ms = 0\n\
+             typing_relay_interval_ms = 2000\n[retention]\nkeep_days = 36500\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_range_error_names_the_file_and_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quipd.toml");
+        std::fs::write(
+            &path,
+            "# comment\n[limits]\nmax_connections = 5\nidle_timeout_ms = 18446744073709551615\n",
+        )
+        .unwrap();
+        let err = ConfigFile::load_server_config(&path, &Overrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}: line 4: `limits.idle_timeout_ms`: ",
+                path.display()
+            )),
+            "{text}"
+        );
+        // A key the file does not set still names the file.
+        std::fs::write(&path, "[tls]\ncert = \"/c.pem\"\n").unwrap();
+        let err = ConfigFile::load_server_config(&path, &Overrides::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: `tls.key`: tls.cert is set, so tls.key must be too",
+                path.display()
+            )
+        );
+        let missing = dir.path().join("missing.toml");
+        let err = ConfigFile::load_server_config(&missing, &Overrides::default()).unwrap_err();
+        assert!(
+            std::error::Error::source(&err).is_none(),
+            "the OS error is told once"
+        );
+    }
+
+    #[test]
+    fn the_settings_name_every_key_of_the_example() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/quipd.toml");
+        let (file, config) = ConfigFile::load_server_config(&path, &Overrides::default()).unwrap();
+        let settings = settings(&file, &config);
+        let keys: Vec<&str> = settings.iter().map(|(key, _)| key.as_str()).collect();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut table = String::new();
+        let mut checked = 0;
+        for line in text.lines().map(str::trim) {
+            if let Some(header) = line.strip_prefix('[') {
+                table = header.trim_end_matches(']').to_owned();
+                continue;
+            }
+            let Some((name, _)) = line.split_once('=').filter(|_| !line.starts_with('#')) else {
+                continue;
+            };
+            let name = name.trim();
+            let key = if table.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{table}.{name}")
+            };
+            assert!(
+                keys.contains(&key.as_str()),
+                "{key} is not printed: {keys:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 36, "only {checked} keys in the example");
+        let value = |key: &str| {
+            settings
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(value("log.format"), "text");
+        assert_eq!(value("limits.presence_grace_ms"), "15000");
+        assert_eq!(value("shutdown_timeout_ms"), "10000");
     }
 }

@@ -8,7 +8,8 @@
 //! [`accounts`] and [`admin`] manage users, their devices and backups; [`connected`] knows
 //! which devices are connected, so that a revocation closes their connections at once.
 //! [`control`] is the control stream's rules without IO. [`config`] reads the configuration file
-//! and [`metrics`] names what the Prometheus endpoint serves.
+//! and [`metrics`] names what the Prometheus endpoint serves; [`repeats`] keeps an error that
+//! repeats per request to one log line.
 
 pub mod accounts;
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod presence;
 pub mod push;
 pub mod rate_limit;
+pub mod repeats;
 pub mod server;
 pub mod session;
 pub mod store;

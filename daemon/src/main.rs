@@ -1,5 +1,6 @@
 //! `quipd`: serve; check a configuration; administer users, certificates and backups.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use quipd::admin::{self, AdminRequest, AdminResponse};
-use quipd::config::{ConfigFile, LogConfig, LogFormat, Overrides};
+use quipd::admin::{self, AdminOptions, AdminRequest, AdminResponse};
+use quipd::config::{ConfigFile, LogConfig, LogFormat, Overrides, MAX_CACHE_MB};
 use quipd::server::{certs_dir, store_dir, TlsSource};
 use quipd::store::{backup, BackendKind};
 use quipd::{Server, ServerConfig};
@@ -41,7 +42,7 @@ enum Command {
         #[arg(long, env = "QUIPD_LISTEN")]
         listen: Option<SocketAddr>,
         /// Store engine cache size in MiB [default: 64]
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_CACHE_MB))]
         cache_mb: Option<u64>,
         /// Store engine: sled or fjall [default: sled]
         #[arg(long)]
@@ -101,6 +102,15 @@ struct DataDir {
     /// Take the data directory from this configuration file.
     #[arg(long, env = "QUIPD_CONFIG")]
     config: Option<PathBuf>,
+    /// How long to wait for the running daemon to answer (or for another command working on
+    /// the store to finish), in seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    timeout: u64,
 }
 
 impl DataDir {
@@ -113,6 +123,13 @@ impl DataDir {
             None => Ok(quipd::config::defaults::DATA_DIR.into()),
         }
     }
+
+    fn options(&self) -> AdminOptions {
+        AdminOptions {
+            create: false,
+            timeout: Duration::from_secs(self.timeout),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,15 +140,20 @@ enum UserCommand {
         /// The user's name (not with --count).
         #[arg(required_unless_present = "count", conflicts_with = "count")]
         name: Option<String>,
-        /// How many users to create.
-        #[arg(long, requires = "prefix")]
+        /// How many users to create, 1 to 100000.
+        #[arg(long, requires = "prefix", value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: Option<u32>,
         /// Name prefix of the users --count creates.
         #[arg(long)]
         prefix: Option<String>,
-        /// Write the `name token` lines to this file (mode 0600) instead of stdout.
+        /// Write the `name token` lines to this file (mode 0600) instead of stdout. It is
+        /// created before any user is, so that a path that cannot be written creates nobody.
         #[arg(long, requires = "count")]
         tokens_out: Option<PathBuf>,
+        /// Without a running daemon, make a new store if the data directory holds none
+        /// (otherwise that is an error, so that a mistyped --data creates nothing).
+        #[arg(long)]
+        create: bool,
         #[command(flatten)]
         data: DataDir,
     },
@@ -213,8 +235,8 @@ enum CertsCommand {
         /// The CA key [default: DATA/certs/ca.key]
         #[arg(long)]
         ca_key: Option<PathBuf>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity in days, 1 to 36500.
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
         #[command(flatten)]
         data: DataDir,
@@ -258,10 +280,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_json,
             metrics_listen,
         } => {
-            let file = match &config {
-                Some(path) => ConfigFile::load(path)?,
-                None => ConfigFile::default(),
-            };
             let overrides = Overrides {
                 data_dir: data,
                 listen,
@@ -270,7 +288,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 log_json,
                 metrics_listen,
             };
-            let config = file.into_server_config(&overrides)?;
+            let config = match &config {
+                Some(path) => ConfigFile::load_server_config(path, &overrides)?.1,
+                None => ConfigFile::default().into_server_config(&overrides)?,
+            };
             init_logging(&config.log);
             serve(config).await
         }
@@ -278,20 +299,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User { command } => {
             init_logging(&default_log());
             let mut tokens_file = None;
+            let mut create = false;
             let (data, request) = match command {
                 UserCommand::Add {
                     name: Some(name),
                     data,
+                    create: asked,
                     ..
-                } => (data, AdminRequest::UserAdd { name }),
+                } => {
+                    create = asked;
+                    (data, AdminRequest::UserAdd { name })
+                }
                 UserCommand::Add {
                     count,
                     prefix,
                     tokens_out,
                     data,
+                    create: asked,
                     ..
                 } => {
-                    tokens_file = tokens_out;
+                    create = asked;
+                    // Made first: a path that cannot be written must not cost the tokens of
+                    // users already created.
+                    tokens_file = match tokens_out {
+                        Some(path) => Some((create_private(&path)?, path)),
+                        None => None,
+                    };
                     let request = AdminRequest::UserAddMany {
                         prefix: prefix.unwrap_or_default(),
                         count: count.unwrap_or(0),
@@ -301,7 +334,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 UserCommand::List { data } => (data, AdminRequest::UserList),
                 UserCommand::Remove { name, data } => (data, AdminRequest::UserRemove { name }),
             };
-            match admin::run(&data.resolve()?, request).await? {
+            let options = AdminOptions {
+                create,
+                ..data.options()
+            };
+            let answer = admin::run_with(&data.resolve()?, request, options).await;
+            let answer = match (answer, &tokens_file) {
+                (Err(e), Some((_, path))) => {
+                    let _ = std::fs::remove_file(path);
+                    return Err(e);
+                }
+                (answer, _) => answer?,
+            };
+            match answer {
                 AdminResponse::UserAdded { token, .. } => println!("{token}"),
                 AdminResponse::UserRemoved {
                     user,
@@ -317,12 +362,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|(user, token)| format!("{user} {token}\n"))
                         .collect();
                     match tokens_file {
-                        Some(path) => write_private(&path, lines.as_bytes())?,
+                        Some((file, path)) => write_tokens(file, &path, lines.as_bytes())?,
                         None => print!("{lines}"),
                     }
                 }
                 AdminResponse::Users { users } => users.iter().for_each(|u| println!("{u}")),
-                AdminResponse::Error { message } => anyhow::bail!(message),
+                AdminResponse::Error { message } => {
+                    if let Some((_, path)) = &tokens_file {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    anyhow::bail!(message)
+                }
                 other => anyhow::bail!("unexpected answer {other:?}"),
             }
             Ok(())
@@ -344,6 +394,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             init_logging(&default_log());
+            let data_dir_options = &data;
             let data = data.resolve()?;
             let certs = certs_dir(&data);
             let ca_cert = ca_cert.unwrap_or_else(|| certs.join(quip_certs::CA_CERT_FILE));
@@ -364,7 +415,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 der_hex: hex::encode(&cert.der),
                 not_after_ms,
             };
-            let id = match admin::run(&data, request).await? {
+            let options = data_dir_options.options();
+            let id = match admin::run_with(&data, request, options).await? {
                 AdminResponse::CertRegistered { id } => id,
                 AdminResponse::Error { message } => anyhow::bail!(message),
                 other => anyhow::bail!("unexpected answer {other:?}"),
@@ -412,8 +464,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Backup { out, data } => {
             init_logging(&default_log());
+            let options = data.options();
             let data = data.resolve()?;
-            let summary = admin::backup(&data, &out).await?;
+            let summary = admin::backup_with(&data, &out, options).await?;
             println!(
                 "{}: {} conversations, {} events, {} records, store epoch {}",
                 out.display(),
@@ -436,7 +489,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::List { user, json, data } => (data, AdminRequest::TokenList { user }, json),
         TokenCommand::Revoke { id, data } => (data, AdminRequest::TokenRevoke { id }, false),
     };
-    match admin::run(&data.resolve()?, request).await? {
+    match admin::run_with(&data.resolve()?, request, data.options()).await? {
         AdminResponse::TokenIssued { user, id, token } => {
             println!("{token}");
             eprintln!("issued token {id} for {user}");
@@ -498,18 +551,35 @@ fn default_log() -> LogConfig {
     }
 }
 
-/// `RUST_LOG`, when set, replaces the configured filter.
+/// `RUST_LOG`, when set, replaces the configured filter; one that does not parse is ignored
+/// with a warning (rather than dropping its bad directives and, with them, every log line).
+/// Colours only when stderr is a terminal.
 fn init_logging(log: &LogConfig) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.trim().is_empty() => tracing_subscriber::EnvFilter::new(env),
-        _ => tracing_subscriber::EnvFilter::new(&log.filter),
+    let configured = || tracing_subscriber::EnvFilter::new(&log.filter);
+    let (filter, ignored) = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => {
+            match tracing_subscriber::EnvFilter::builder().parse(&env) {
+                Ok(filter) => (filter, None),
+                Err(e) => (configured(), Some((env, e))),
+            }
+        }
+        _ => (configured(), None),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+    if let Some((env, e)) = ignored {
+        tracing::warn!(
+            rust_log = %env,
+            error = %e,
+            filter = %log.filter,
+            "RUST_LOG is not a valid filter; using the configured one"
+        );
     }
 }
 
@@ -622,71 +692,42 @@ async fn shutdown_signal() {
 }
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
-    let config = ConfigFile::load(file)?.into_server_config(&Overrides::default())?;
+    let (parsed, config) = ConfigFile::load_server_config(file, &Overrides::default())?;
     if let TlsSource::Files { cert, key } = &config.tls {
         quip_certs::ServerIdentity::from_pem_files(cert, key)
-            .map_err(|e| anyhow::anyhow!("`tls.cert`/`tls.key`: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{}: `tls.cert`/`tls.key`: {e}", file.display()))?;
     }
-    let (cert, key) = config.tls_files();
     println!("{}: ok", file.display());
-    println!("data_dir = {}", config.data_dir.display());
-    println!("store = {}", config.store);
-    println!("store_dir = {}", store_dir(&config.data_dir).display());
-    println!("listen = {}", config.listen);
-    println!("cache_mb = {}", config.cache_bytes / (1024 * 1024));
-    println!("shutdown_timeout = {:?}", config.shutdown_timeout);
-    println!("tls.cert = {}", cert.display());
-    println!("tls.key = {}", key.display());
-    println!("limits.max_connections = {}", config.max_connections);
-    println!(
-        "limits.handshake_timeout = {:?}",
-        config.limits.handshake_timeout
-    );
-    println!("limits.auth_timeout = {:?}", config.limits.auth_timeout);
-    println!("limits.idle_timeout = {:?}", config.idle_timeout);
-    println!("limits.max_frame_len = {}", config.limits.max_frame_len);
-    let limits = &config.limits;
-    println!("limits.max_message_len = {}", limits.max_message_len);
-    println!("limits.max_members = {}", limits.conversations.max_members);
-    println!(
-        "limits.max_conversations_per_user = {}",
-        limits.conversations.max_conversations_per_user
-    );
-    println!(
-        "limits.max_connections_per_user = {}",
-        limits.connected.max_connections_per_user
-    );
-    println!(
-        "limits.sends_per_sec = {} (burst {})",
-        limits.connected.sends_per_sec, limits.connected.sends_burst
-    );
-    println!("limits.retry_threshold = {}", limits.retry_threshold);
-    match config.client_ca_file() {
-        Some(ca) => println!("tls.client_ca = {}", ca.display()),
-        None => println!("tls.client_ca = off (tokens only)"),
-    }
-    println!("log.format = {:?}", config.log.format);
-    println!("log.filter = {}", config.log.filter);
-    match config.metrics_listen {
-        Some(addr) => println!("metrics.listen = {addr}"),
-        None => println!("metrics.listen = off"),
+    for (key, value) in quipd::config::settings(&parsed, &config) {
+        println!("{key} = {value}");
     }
     Ok(())
 }
 
-/// Writes a file only its owner may read (it holds bearer tokens).
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
+/// Creates a file only its owner may read (it is to hold bearer tokens).
+fn create_private(path: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .with_context(|| format!("creating {} (no user was created)", path.display()))
+}
+
+/// Writes the tokens of users just created; if that fails, says how to get tokens for them.
+fn write_tokens(mut file: std::fs::File, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
     file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
+        .and_then(|()| file.sync_all())
+        .with_context(|| {
+            format!(
+                "writing {}: the users were created, but not their tokens; issue new ones with \
+                 `quipd token issue NAME`",
+                path.display()
+            )
+        })
 }
 
 fn restore(from: &Path, data: &Path, store: BackendKind) -> anyhow::Result<()> {
@@ -702,8 +743,10 @@ fn restore(from: &Path, data: &Path, store: BackendKind) -> anyhow::Result<()> {
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let summary = backup::restore(from, &store_dir(data), store)?;
     println!(
-        "restored {} records ({} events) into {}",
+        "restored {} of the backup's {} records ({} events) into {}: the store epoch and the \
+         end of the text log are made anew",
         summary.records,
+        summary.records + summary.remade,
         summary.events,
         data.display()
     );

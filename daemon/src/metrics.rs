@@ -31,6 +31,7 @@ pub const REPLAYED_EVENTS: &str = "quipd_replayed_events_total";
 pub const DATAGRAMS_RELAYED: &str = "quipd_datagrams_relayed_total";
 pub const DATAGRAMS_DROPPED: &str = "quipd_datagrams_dropped_total";
 pub const ERRORS: &str = "quipd_errors_total";
+pub const STORE_FAILURES: &str = "quipd_store_failures_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -113,6 +114,10 @@ fn describe() {
         ERRORS,
         "Errors sent to clients, by code; scope is request (an error reply) or connection (a close)."
     );
+    describe_counter!(
+        STORE_FAILURES,
+        "Requests answered UNAVAILABLE because the store failed (logged once a minute)."
+    );
     gauge!(CONNECTIONS).set(0.0);
     gauge!(SESSIONS).set(0.0);
     gauge!(CONVERSATIONS_ACTIVE).set(0.0);
@@ -128,6 +133,7 @@ fn describe() {
         REPLAYED_EVENTS,
         DATAGRAMS_RELAYED,
         DATAGRAMS_DROPPED,
+        STORE_FAILURES,
     ] {
         counter!(name).absolute(0);
     }
@@ -153,6 +159,11 @@ pub fn request_error(code: ErrorCode) {
 /// A connection closed with an error code.
 pub fn connection_error(code: ErrorCode) {
     error_counter(code, "connection").increment(1);
+}
+
+/// A request failed by the store.
+pub fn store_failure() {
+    counter!(STORE_FAILURES).increment(1);
 }
 
 pub fn refused() {

@@ -593,7 +593,7 @@ fn a_bad_config_file_is_rejected_with_the_key_named() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("listen = [::]:4433"), "{stdout}");
-    assert!(stdout.contains("shutdown_timeout = 10s"), "{stdout}");
+    assert!(stdout.contains("shutdown_timeout_ms = 10000"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,6 +149,8 @@ pub struct DaemonProcess {
     starts: u32,
     /// A configuration file given with `--config`, if any.
     config: Option<PathBuf>,
+    /// The largest file the daemon may write, in KiB (`ulimit -f`), if limited.
+    file_size_limit_kib: Option<u64>,
 }
 
 impl DaemonProcess {
@@ -164,13 +166,28 @@ impl DaemonProcess {
         Self::start_with(Some(toml)).await
     }
 
+    /// Like [`DaemonProcess::start_with_config`], with the size of every file the daemon writes
+    /// limited to about `kib` KiB (`ulimit -f`, SIGXFSZ ignored): a write past it fails with
+    /// `EFBIG`, a real IO failure of the store on a real disk.
+    pub async fn start_with_file_size_limit(toml: &str, kib: u64) -> DaemonProcess {
+        Self::start_full(None, Some(toml), Some(kib)).await
+    }
+
     async fn start_with(toml: Option<&str>) -> DaemonProcess {
-        Self::start_on(None, toml).await
+        Self::start_full(None, toml, None).await
     }
 
     /// Like [`DaemonProcess::start_with_config`], with the data directory at `data_dir` (on a
     /// filesystem of the test's choosing) rather than in the daemon's temporary directory.
     pub async fn start_on(data_dir: Option<PathBuf>, toml: Option<&str>) -> DaemonProcess {
+        Self::start_full(data_dir, toml, None).await
+    }
+
+    async fn start_full(
+        data_dir: Option<PathBuf>,
+        toml: Option<&str>,
+        file_size_limit_kib: Option<u64>,
+    ) -> DaemonProcess {
         let dir = temp_dir();
         let data_dir = data_dir.unwrap_or_else(|| dir.path().join("data"));
         let config = toml.map(|toml| {
@@ -185,6 +202,7 @@ impl DaemonProcess {
             child: None,
             starts: 0,
             config,
+            file_size_limit_kib,
         };
         daemon.spawn_ready(free_udp_port()).await;
         daemon
@@ -273,7 +291,21 @@ impl DaemonProcess {
             self.starts += 1;
             self.addr = SocketAddr::from(([127, 0, 0, 1], port));
             let log = std::fs::File::create(self.log_path()).expect("creating the quipd log");
-            let mut command = std::process::Command::new(&bins.quipd);
+            let mut command = match self.file_size_limit_kib {
+                // The shell sets the limit and ignores the signal, then becomes quipd.
+                Some(kib) => {
+                    let mut shell = std::process::Command::new("sh");
+                    shell
+                        .arg("-c")
+                        .arg(format!(
+                            "trap '' XFSZ; ulimit -f {}; exec \"$0\" \"$@\"",
+                            kib * 2
+                        ))
+                        .arg(&bins.quipd);
+                    shell
+                }
+                None => std::process::Command::new(&bins.quipd),
+            };
             command.arg("serve");
             if let Some(config) = &self.config {
                 command.arg("--config").arg(config);
@@ -507,13 +539,18 @@ impl Quip {
 
     /// Runs `quip ARGS` with `stdin` as its standard input.
     pub async fn run_with_stdin(&self, args: &[&str], stdin: &str) -> CliOutput {
+        self.run_with_input(args, stdin.as_bytes()).await
+    }
+
+    /// Runs `quip ARGS` with these bytes (UTF-8 or not) as its standard input.
+    pub async fn run_with_input(&self, args: &[&str], stdin: &[u8]) -> CliOutput {
         let mut command = self.command(args);
         command.stdin(Stdio::piped());
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawning quip {args:?}: {e}"));
         let mut input = child.stdin.take().expect("stdin is piped");
-        let bytes = stdin.as_bytes().to_vec();
+        let bytes = stdin.to_vec();
         // Written while the output is read, so neither pipe can fill up and stall the other.
         let writer = tokio::spawn(async move {
             input.write_all(&bytes).await?;

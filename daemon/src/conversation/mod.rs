@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::delivery::LiveEvent;
 use crate::presence::{EphemeralStats, PresenceHandle};
 use crate::push::PushHandle;
+use crate::repeats::Repeats;
 use crate::store::{ConversationRecord, ReceiptRecord, Store, StoreError};
 pub use actor::{now_ms, ReceiptsView};
 pub use memberships::Memberships;
@@ -431,8 +432,29 @@ fn random_conversation_id() -> ConversationId {
 }
 
 /// How a store failure is told to a client: retry later, with the same message id.
+///
+/// Logged once, then once a minute with the count of the ones in between: a failed store fails
+/// every request after it (the writer has logged the cause), and clients retry. Every one is
+/// counted in `quipd_store_failures_total`.
 pub fn store_error(e: StoreError) -> ErrorBody {
-    tracing::error!(error = %e, "store failure");
+    // One filter for the process: a store failure is the process's, not one conversation's.
+    static REPEATS: std::sync::LazyLock<Mutex<Repeats>> =
+        std::sync::LazyLock::new(|| Mutex::new(Repeats::new(Duration::from_secs(60))));
+    crate::metrics::store_failure();
+    let message = e.to_string();
+    let admitted = REPEATS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .admit(&message, std::time::Instant::now());
+    match admitted {
+        Some(0) => tracing::error!(error = %message, "store failure; answering UNAVAILABLE"),
+        Some(repeats) => tracing::error!(
+            error = %message,
+            repeats,
+            "store failure, again; answering UNAVAILABLE"
+        ),
+        None => {}
+    }
     ErrorBody {
         code: ErrorCode::UNAVAILABLE,
         message: "the server cannot store messages right now; retry later".into(),

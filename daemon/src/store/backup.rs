@@ -459,6 +459,9 @@ pub struct RestoreSummary {
     pub taken_at_ms: u64,
     pub records: u64,
     pub events: u64,
+    /// Records of the backup not copied because the new store makes its own: its epoch and the
+    /// end of its text log.
+    pub remade: u64,
 }
 
 /// Makes a new store at `store_dir` (which must not exist, or be empty) from a backup file, on
@@ -492,6 +495,7 @@ pub fn restore(
     let mut batch = WriteBatch::new();
     let mut records = 0u64;
     let mut events = 0u64;
+    let mut remade = 0u64;
     // Texts are appended to the log and made durable before the engine batch that points at them.
     let flush = |batch: &mut WriteBatch| -> Result<(), StoreError> {
         texts.sync()?;
@@ -500,6 +504,7 @@ pub fn restore(
     };
     let header = read_backup(backup, |key, value| {
         if key == keys::META_EPOCH || key == keys::META_TEXT_END || key == keys::META_CHECKPOINT {
+            remade += 1;
             return Ok(());
         }
         records += 1;
@@ -534,6 +539,7 @@ pub fn restore(
         taken_at_ms: header.taken_at_ms,
         records,
         events,
+        remade,
     })
 }
 

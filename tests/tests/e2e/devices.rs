@@ -56,7 +56,8 @@ async fn token_commands_work_without_a_daemon() {
     let _ = binaries();
     let dir = temp_dir();
     let data = dir.path().join("data");
-    let first = ok(&data, &["user", "add", "alice"]).await;
+    // No daemon has made the store: the first command makes it, when told to.
+    let first = ok(&data, &["user", "add", "alice", "--create"]).await;
     let phone = ok(&data, &["token", "issue", "alice", "--device", "phone"]).await;
     let phone = phone.trim().to_owned();
     assert!(phone.starts_with("quip_"), "{phone}");

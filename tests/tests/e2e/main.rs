@@ -12,6 +12,7 @@ mod authorization;
 mod bench;
 mod chat;
 mod cli;
+mod cli_robustness;
 mod corpus;
 mod cursor;
 mod devices;
