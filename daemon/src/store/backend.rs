@@ -68,6 +68,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// engine's own recovery keeps whole, even if an earlier write failed without saying so.
     fn checkpoint(&self) -> Result<(), StoreError>;
 
+    /// Starts a checkpoint of every write applied so far and returns without waiting where the
+    /// engine makes it durable in the background; [`Backend::checkpoint_done`] says when it
+    /// is. The writer goes on committing meanwhile, so a slow engine flush never stalls sends.
+    /// By default the whole checkpoint is done here.
+    fn begin_checkpoint(&self) -> Result<(), StoreError> {
+        self.checkpoint()
+    }
+
+    /// Whether the checkpoint begun last (and every write applied before it) is durable.
+    fn checkpoint_done(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     /// [`Backend::apply`], then [`Backend::checkpoint`]: for writes made outside the log
     /// (creating a store, restoring a backup).
     fn apply_durably(&self, ops: &mut dyn Iterator<Item = Op<'_>>) -> Result<(), StoreError> {

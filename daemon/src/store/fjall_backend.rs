@@ -140,12 +140,9 @@ impl Backend for FjallBackend {
     }
 
     fn checkpoint(&self) -> Result<(), StoreError> {
-        self.partition.rotate_memtable()?;
-        // The flush worker writes the sealed memtables into segments (an error there leaves
-        // them sealed and their journals in place); once it is done the journals of flushed
-        // memtables are deleted and only the active one is left.
+        self.begin_checkpoint()?;
         let deadline = Instant::now() + CHECKPOINT_WAIT;
-        while self.keyspace.journal_count() > 1 {
+        while !self.checkpoint_done()? {
             if Instant::now() >= deadline {
                 return Err(StoreError::Io(format!(
                     "fjall did not flush its memtables within {CHECKPOINT_WAIT:?} \
@@ -154,7 +151,24 @@ impl Backend for FjallBackend {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn begin_checkpoint(&self) -> Result<(), StoreError> {
+        // Seals the memtable that holds every write so far; fjall's flush worker writes it
+        // into a segment in the background.
+        self.partition.rotate_memtable()?;
+        Ok(())
+    }
+
+    fn checkpoint_done(&self) -> Result<bool, StoreError> {
+        // The flush worker writes the sealed memtables into segments (an error there leaves
+        // them sealed and their journals in place); once it is done the journals of flushed
+        // memtables are deleted and only the active one is left.
+        let done = self.keyspace.journal_count() <= 1;
+        if done {
+            self.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(done)
     }
 }

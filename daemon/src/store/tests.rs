@@ -38,6 +38,7 @@ on_every_backend!(
     empty_commits_and_syncs_resolve,
     erased_and_pruned_texts_leave_the_disk_and_backups,
     commits_the_engine_lost_are_replayed_from_the_log,
+    checkpoints_made_in_the_background_complete_while_commits_go_on,
     a_torn_tail_left_by_an_older_version_is_cut_at_its_first_gap,
     a_backup_of_a_conversation_with_a_gap_is_refused,
 );
@@ -540,6 +541,58 @@ async fn commits_the_engine_lost_are_replayed_from_the_log(kind: BackendKind) {
     );
     commit_messages(&store, conv, 121..=121).await;
     assert_eq!(store.head(conv).unwrap(), Seq(121));
+}
+
+/// More log than one checkpoint's worth: the engine makes its checkpoints durable while
+/// commits go on (fjall flushes in the background), each completes, and a copy of the store
+/// taken while it runs (a crash image) opens with every commit, the rest replayed from the log.
+async fn checkpoints_made_in_the_background_complete_while_commits_go_on(kind: BackendKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, middle) = (dir.path().join("live"), dir.path().join("middle"));
+    let conv = ConversationId(5);
+    let big = |n: u64| StoredEvent {
+        sender: user("alice"),
+        at_ms: n,
+        body: EventBody::Message {
+            id: message_id(n),
+            text: format!("{n:06} {}", "x".repeat(60_000)),
+        },
+    };
+    let count = 700u64; // about 42 MB of text: past two checkpoints' worth of log
+    let store = open(&live, kind);
+    for n in 1..=count {
+        let mut batch = WriteBatch::new();
+        batch.append_event(conv, Seq(n), &big(n));
+        store.commit(batch).await.unwrap();
+    }
+    // A background checkpoint is noticed at the next commit; keep committing small ones.
+    let mut n = count;
+    let checkpoints = || {
+        store
+            .writer_stats()
+            .checkpoints
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    while checkpoints() < 2 {
+        n += 1;
+        assert!(n < count + 5_000, "no checkpoint completed");
+        commit_messages(&store, conv, n..=n).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // What a kill -9 right now would leave: the engine as it is, beside the log.
+    copy_dir(&live, &middle);
+    drop(store);
+    let store = reopen(&middle, kind);
+    assert_eq!(store.head(conv).unwrap(), Seq(n));
+    let events = store.events_after(conv, Seq::ZERO, 10_000).unwrap();
+    assert_eq!(events.len() as u64, n);
+    for (seq, event) in (1..=n).zip(&events) {
+        assert_eq!(event.seq, Seq(seq));
+    }
+    assert_eq!(
+        events[count as usize - 1].body.text().map(|t| &t[..6]),
+        Some(format!("{count:06}").as_str())
+    );
 }
 
 /// What sled could leave after a failed write before commits were framed in the log: a

@@ -32,6 +32,8 @@ use super::{decode, keys, StoreError, StoredEvent, TextOp, WriteBatch};
 const MAX_COMMITS_PER_FLUSH: usize = 4096;
 /// Log bytes after which the engine is checkpointed: bounds what an open replays.
 pub(super) const CHECKPOINT_BYTES: u64 = 16 * 1024 * 1024;
+/// How long a checkpoint made in the background may take before the store counts it failed.
+const CHECKPOINT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 pub(super) struct Commit {
     pub batch: WriteBatch,
     pub done: oneshot::Sender<Result<(), StoreError>>,
@@ -76,6 +78,9 @@ pub(super) struct Writer {
     /// Written into `META_CHECKPOINT` at the next checkpoint, never at its own: a checkpoint
     /// whose flush fails may leave its own record on disk without everything before it.
     verified: u64,
+    /// A checkpoint the engine is making durable in the background: the log position it will
+    /// vouch for, and when it began. Commits go on meanwhile.
+    checkpointing: Option<(u64, std::time::Instant)>,
     failed: watch::Sender<bool>,
 }
 
@@ -92,6 +97,7 @@ impl Writer {
             stats,
             poisoned: false,
             verified: start.verified,
+            checkpointing: None,
             failed: start.failed,
         }
     }
@@ -128,8 +134,9 @@ impl Writer {
                     let _ = commit.done.send(result.clone());
                 }
             }
-            if self.backlog() >= CHECKPOINT_BYTES {
-                let _ = self.checkpoint();
+            self.poll_checkpoint();
+            if self.checkpointing.is_none() && self.backlog() >= CHECKPOINT_BYTES {
+                self.begin_checkpoint();
             }
             if let Some(reply) = cut {
                 // Writes wait while the cut is taken: log how long, for operators.
@@ -144,7 +151,8 @@ impl Writer {
             }
         }
         // Every handle is gone: checkpoint twice, the second to record the first, so that the
-        // next open has nothing to replay.
+        // next open has nothing to replay. (A checkpoint still in the background is covered.)
+        self.checkpointing = None;
         if !self.poisoned && self.checkpoint().and_then(|()| self.checkpoint()).is_ok() {
             tracing::debug!("store checkpointed");
         }
@@ -220,22 +228,65 @@ impl Writer {
 
     /// Makes what the engine holds durable and records the previous checkpoint in it.
     pub(super) fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let at = self.texts.end();
+        let result = self
+            .record_checkpoint()
+            .and_then(|()| self.backend.checkpoint());
+        self.checkpointed(at, result)
+    }
+
+    /// Starts a checkpoint that the engine makes durable in the background, if it can
+    /// ([`Backend::begin_checkpoint`]); [`Writer::poll_checkpoint`] notices when it is.
+    fn begin_checkpoint(&mut self) {
+        let at = self.texts.end();
+        match self
+            .record_checkpoint()
+            .and_then(|()| self.backend.begin_checkpoint())
+        {
+            Ok(()) => self.checkpointing = Some((at, std::time::Instant::now())),
+            Err(e) => {
+                let _ = self.checkpointed(at, Err(e));
+            }
+        }
+    }
+
+    /// Completes the background checkpoint once the engine says it is durable.
+    fn poll_checkpoint(&mut self) {
+        let Some((at, began)) = self.checkpointing else {
+            return;
+        };
+        let result = match self.backend.checkpoint_done() {
+            Ok(false) if began.elapsed() < CHECKPOINT_DEADLINE => return,
+            Ok(false) => Err(StoreError::Io(format!(
+                "the engine did not finish a checkpoint within {CHECKPOINT_DEADLINE:?}"
+            ))),
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.checkpointing = None;
+        let _ = self.checkpointed(at, result);
+    }
+
+    /// Applies the record of the previous checkpoint, which the one starting now makes durable.
+    fn record_checkpoint(&mut self) -> Result<(), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        let at = self.texts.end();
         let mut record = WriteBatch::new();
         record.put_raw(keys::META_CHECKPOINT, &self.verified.to_be_bytes());
-        let result = self
-            .backend
-            .apply(&mut record.iter())
-            .and_then(|()| self.backend.checkpoint());
+        let applied = self.backend.apply(&mut record.iter());
+        applied
+    }
+
+    /// A checkpoint of the log up to `at` ended with `result`.
+    fn checkpointed(&mut self, at: u64, result: Result<(), StoreError>) -> Result<(), StoreError> {
         match result {
             Ok(()) => {
                 self.verified = at;
                 self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
+            Err(StoreError::Poisoned) => Err(StoreError::Poisoned),
             Err(e) => {
                 self.fail(&e, "store checkpoint failed; refusing further writes");
                 Err(e)
