@@ -1,7 +1,8 @@
-//! The daemon's memory after 10,000 unauthenticated connection attempts (issue 5): a real
-//! `quipd` with its default settings, QUIC connections that finish the handshake and never
-//! say `Hello`. Ignored by default (it takes about a minute); run it with
-//! `cargo test -p quip-tests --test e2e -- --ignored --nocapture flood`.
+//! A flood of unauthenticated connections (issue 5): a real `quipd` with its default settings,
+//! QUIC connections that finish the handshake and never say `Hello`. Each must be closed with
+//! `AUTH_TIMEOUT`, the daemon's memory must come back down afterwards, and a well-behaved
+//! client must still be served. The suite makes 1,000 attempts; the README's measurement is
+//! `QUIP_FLOOD_ATTEMPTS=10000 cargo test -p quip-tests --test e2e -- --nocapture flood`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,8 +13,18 @@ use quip_tests::DaemonProcess;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-const ATTEMPTS: usize = 10_000;
+use quip_protocol::ErrorCode;
+
 const AT_ONCE: usize = 200;
+
+/// Connection attempts: `QUIP_FLOOD_ATTEMPTS`, rounded up to a whole wave of [`AT_ONCE`].
+fn attempts() -> usize {
+    let asked = std::env::var("QUIP_FLOOD_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000);
+    asked.max(1).div_ceil(AT_ONCE) * AT_ONCE
+}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -25,8 +36,8 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a minute of load; run by hand to measure (see the module doc)"]
 async fn flood_of_unauthenticated_connections_leaves_memory_bounded() {
+    let attempts = attempts();
     let daemon = DaemonProcess::start().await;
     let pid = daemon.pid();
     let token = daemon.add_user("alice").await;
@@ -61,8 +72,8 @@ async fn flood_of_unauthenticated_connections_leaves_memory_bounded() {
     };
     let started = Instant::now();
     let (mut established, mut failed) = (0usize, 0usize);
-    let mut held = Vec::with_capacity(ATTEMPTS);
-    for wave in 0..ATTEMPTS / AT_ONCE {
+    let mut held = Vec::with_capacity(attempts);
+    for wave in 0..attempts / AT_ONCE {
         let mut connecting = Vec::with_capacity(AT_ONCE);
         for _ in 0..AT_ONCE {
             let endpoint = endpoint.clone();
@@ -95,15 +106,21 @@ async fn flood_of_unauthenticated_connections_leaves_memory_bounded() {
     let flood_took = started.elapsed();
     // The daemon closes every silent connection at its authentication timeout (10 s).
     let closing = Instant::now();
+    let mut not_timed_out = Vec::new();
     for conn in &held {
-        let _ = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
+        let closed = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
+        match closed {
+            Ok(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code.into_inner() == u64::from(ErrorCode::AUTH_TIMEOUT.0) => {}
+            other => not_timed_out.push(format!("{other:?}")),
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid);
     sampling.abort();
     let peak = peak.load(Ordering::Relaxed);
     println!(
-        "{ATTEMPTS} unauthenticated connection attempts in {flood_took:?}: {established} \
+        "{attempts} unauthenticated connection attempts in {flood_took:?}: {established} \
          handshakes completed, {failed} failed; closed within {:?} after the last; daemon RSS \
          {before} KiB before, {peak} KiB at the peak, {after} KiB after",
         closing.elapsed()
@@ -114,6 +131,18 @@ async fn flood_of_unauthenticated_connections_leaves_memory_bounded() {
         .create_conversation("after the flood", &[])
         .await
         .expect("served after the flood");
+    // Under a flood the daemon's accept path may refuse some handshakes; the ones it
+    // accepted must all have been timed out.
+    assert!(
+        established * 2 >= attempts,
+        "only {established} of {attempts} handshakes completed"
+    );
+    assert!(
+        not_timed_out.is_empty(),
+        "{} silent connections were not closed with AUTH_TIMEOUT, first: {}",
+        not_timed_out.len(),
+        not_timed_out[0]
+    );
     assert!(peak < 1024 * 1024, "peak RSS {peak} KiB");
     assert!(
         after < before + 128 * 1024,
