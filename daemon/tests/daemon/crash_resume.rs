@@ -45,10 +45,6 @@ async fn client(addr: SocketAddr, data: &Path, token: &str) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_and_sender_ride_through_kill_9() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     let addr = free_udp_port();

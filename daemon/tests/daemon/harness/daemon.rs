@@ -30,6 +30,7 @@ impl Daemon {
     /// Starts a daemon with the default configuration, changed by `configure`; it has no
     /// users yet.
     pub async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Daemon {
+        super::init_tracing();
         let data = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::new(data.path(), "127.0.0.1:0".parse().unwrap());
         configure(&mut config);

@@ -51,6 +51,7 @@ pub struct Child(pub std::process::Child);
 
 impl Child {
     pub fn spawn(command: &mut Command) -> Child {
+        super::init_tracing();
         Child(command.spawn().unwrap())
     }
 
