@@ -7,22 +7,13 @@
 //! (the deepest client value, `Request::Subscribe{After(Position)}`, is four levels); what
 //! stands in for depth here are length claims far beyond the bytes that follow.
 
-#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
-
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::crypto::rustls::QuicClientConfig;
 use quip_protocol::{
-    encode_frame, limits, ClientFrame, ErrorCode, FrameDecoder, Request, RequestId, ServerFrame,
+    limits, ClientFrame, ErrorCode, FrameDecoder, Request, RequestId, ServerFrame,
 };
-use quipd::admin::{AdminRequest, AdminResponse};
-use quipd::{Server, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
-const WAIT: Duration = Duration::from_secs(20);
+use crate::harness::{frame, Daemon, WAIT};
 
 /// What the daemon must answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,11 +62,10 @@ fn request(request: &[u8]) -> Vec<u8> {
 }
 
 fn encoded(request: Request) -> Vec<u8> {
-    let frame = ClientFrame::Request {
+    frame(&ClientFrame::Request {
         id: RequestId(1),
         request,
-    };
-    encode_frame(&frame, u32::MAX).unwrap()
+    })
 }
 
 fn hello_body(token: &[u8], client: &[u8], revision: Vec<u8>) -> Vec<u8> {
@@ -271,44 +261,11 @@ fn corpus() -> Vec<Case> {
     ]
 }
 
-async fn start() -> (SocketAddr, tempfile::TempDir, String, impl FnOnce()) {
-    let data = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::new(data.path(), "127.0.0.1:0".parse().unwrap());
-    config.limits.auth_timeout = Duration::from_secs(3);
-    let server = Server::bind(&config).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let request = AdminRequest::UserAdd {
-        name: "alice".into(),
-    };
-    let token = match quipd::admin::run(data.path(), request).await.unwrap() {
-        AdminResponse::UserAdded { token, .. } => token,
-        other => panic!("user add: {other:?}"),
-    };
-    (addr, data, token, move || {
-        let _ = stop.send(());
-    })
-}
-
-async fn connect(addr: SocketAddr, ca: &std::path::Path) -> quinn::Connection {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
-    endpoint.connect(addr, "localhost").unwrap().await.unwrap()
+/// A daemon that waits 3 s for a Hello, and alice's token.
+async fn start() -> (Daemon, String) {
+    let daemon = Daemon::start(|config| config.limits.auth_timeout = Duration::from_secs(3)).await;
+    let token = daemon.user("alice").await;
+    (daemon, token)
 }
 
 /// Reads server frames until one that is not `Welcome`; `None` when the stream ends.
@@ -332,19 +289,14 @@ async fn next_answer(
 
 #[tokio::test]
 async fn every_malformed_frame_gets_its_documented_answer() {
-    let (addr, data, token, stop) = start().await;
-    let ca = data.path().join("certs/ca.pem");
-    let hello = encode_frame(
-        &ClientFrame::Hello {
-            token: token.clone(),
-            client: "corpus".into(),
-            revision: quip_protocol::REVISION,
-        },
-        u32::MAX,
-    )
-    .unwrap();
+    let (daemon, token) = start().await;
+    let hello = frame(&ClientFrame::Hello {
+        token: token.clone(),
+        client: "corpus".into(),
+        revision: quip_protocol::REVISION,
+    });
     for case in corpus() {
-        let conn = connect(addr, &ca).await;
+        let conn = daemon.raw_connection(quip_protocol::ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         if case.after_hello {
             send.write_all(&hello).await.unwrap();
@@ -381,9 +333,7 @@ async fn every_malformed_frame_gets_its_documented_answer() {
                     id: RequestId(2),
                     request: Request::ListConversations,
                 };
-                send.write_all(&encode_frame(&list, u32::MAX).unwrap())
-                    .await
-                    .unwrap();
+                send.write_all(&frame(&list)).await.unwrap();
                 match next_answer(&mut recv, &mut decoder).await {
                     Some(ServerFrame::Reply { id, .. }) => assert_eq!(id, RequestId(2)),
                     other => panic!("{}: after the error, {other:?}", case.name),
@@ -393,12 +343,12 @@ async fn every_malformed_frame_gets_its_documented_answer() {
         }
     }
     // Everyone else is still served.
-    let config = quip_client::ClientConfig::from_ca_file(addr.to_string(), &ca, &token).unwrap();
+    let config = daemon.client_config(&token);
     let client = quip_client::Client::connect(config).await.unwrap();
     let conv = client
         .create_conversation("after the corpus", &[])
         .await
         .unwrap();
     client.send(conv, "fine").await.unwrap();
-    stop();
+    daemon.stop().await;
 }

@@ -1,16 +1,14 @@
 //! A client rides through `kill -9` of the daemon: it reconnects by itself, resumes its
 //! subscription from its cursor and re-sends what was not acknowledged.
 
-#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
-
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use quip_client::{Client, ClientConfig, EventBody, Seq, StartAt};
 
-const WAIT: Duration = Duration::from_secs(30);
+use crate::harness::process::{add_user, command, Child, WAIT};
 
 fn free_udp_port() -> SocketAddr {
     UdpSocket::bind("127.0.0.1:0")
@@ -19,51 +17,23 @@ fn free_udp_port() -> SocketAddr {
         .unwrap()
 }
 
-fn quipd(args: &[&str], data: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_quipd"));
-    command.args(args).arg("--data").arg(data);
-    command
-}
-
-/// A daemon process, killed when dropped so a failed test leaves nothing running.
-struct Daemon(Child);
-
-impl Daemon {
-    fn kill9(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
+/// A daemon on `addr`, the same address after a restart, logging to this test's stderr.
+fn spawn_daemon(data: &Path, addr: SocketAddr) -> Child {
+    let mut command = command(&[
+        "serve",
+        "--listen",
+        &addr.to_string(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    command.stdout(Stdio::null()).stderr(Stdio::inherit());
+    // Its log is for whoever runs the test: let RUST_LOG reach it, as it reaches the client.
+    if let Some(filter) = std::env::var_os("RUST_LOG") {
+        command.env("RUST_LOG", filter);
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_daemon(data: &Path, addr: SocketAddr) -> Daemon {
-    let child = quipd(&["serve", "--listen", &addr.to_string()], data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !data.join("admin.sock").exists() {
-        assert!(Instant::now() < deadline, "quipd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
-}
-
-fn add_user(data: &Path, name: &str) -> String {
-    let out = quipd(&["user", "add", name], data).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    let daemon = Child::spawn(&mut command);
+    daemon.wait_for_admin_socket(data);
+    daemon
 }
 
 async fn client(addr: SocketAddr, data: &Path, token: &str) -> Client {
@@ -75,10 +45,6 @@ async fn client(addr: SocketAddr, data: &Path, token: &str) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_and_sender_ride_through_kill_9() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     let addr = free_udp_port();

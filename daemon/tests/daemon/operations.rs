@@ -2,13 +2,11 @@
 //! restart under load, metrics, backup and restore, certificate reload, systemd notification
 //! and the systemd unit.
 
-#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -20,12 +18,11 @@ use quip_client::{
 };
 use quipd::store::{Store, StoreConfig};
 
-const QUIPD: &str = env!("CARGO_BIN_EXE_quipd");
-const WAIT: Duration = Duration::from_secs(30);
+use crate::harness::process::{self, add_user, quipd, QUIPD, WAIT};
 
-/// A `quipd serve` child process, killed on drop.
+/// A `quipd serve --config FILE` with JSON logs, which tell its address and what it did.
 struct Quipd {
-    child: Child,
+    child: process::Child,
     addr: SocketAddr,
     data: PathBuf,
     /// Every log line after the ready line.
@@ -35,24 +32,17 @@ struct Quipd {
 impl Quipd {
     /// Starts `quipd serve --config FILE` with `args`; returns once it logged that it is ready.
     fn start(config: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Quipd {
-        let mut command = Command::new(QUIPD);
+        let mut command = process::command(&["serve", "--config"]);
         command
-            .args(["serve", "--config"])
             .arg(config)
             .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("QUIPD_DATA")
-            .env_remove("QUIPD_LISTEN")
-            .env_remove("QUIPD_CONFIG")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
+        let mut child = process::Child::spawn(&mut command);
+        let stderr = child.0.stderr.take().unwrap();
         let (lines, logs) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -66,7 +56,7 @@ impl Quipd {
         let addr = loop {
             let line = logs
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("quipd did not get ready: {:?}", child.try_wait()));
+                .unwrap_or_else(|_| panic!("quipd did not get ready: {:?}", child.0.try_wait()));
             let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
                 panic!("not a JSON log line: {line}");
             };
@@ -83,24 +73,12 @@ impl Quipd {
     }
 
     fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -s {name}");
+        self.child.signal(name);
     }
 
     /// Sends SIGTERM and returns the exit status and how long the exit took.
-    fn terminate(mut self) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        self.signal("TERM");
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(started.elapsed() < WAIT, "quipd did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn terminate(self) -> (ExitStatus, Duration) {
+        self.child.terminate()
     }
 
     /// Waits for a log line containing `text`.
@@ -130,13 +108,6 @@ impl Quipd {
     }
 }
 
-impl Drop for Quipd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Writes a configuration file for a test daemon: JSON logs, loopback, an OS-chosen port.
 fn config_file(dir: &Path, data: &Path, extra: &str) -> PathBuf {
     let path = dir.join("quipd.toml");
@@ -146,26 +117,6 @@ fn config_file(dir: &Path, data: &Path, extra: &str) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn quipd(args: &[&str]) -> std::process::Output {
-    Command::new(QUIPD)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("QUIPD_DATA")
-        .env_remove("QUIPD_CONFIG")
-        .output()
-        .unwrap()
-}
-
-fn add_user(data: &Path, name: &str) -> String {
-    let out = quipd(&["user", "add", name, "--data", data.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "user add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// An acknowledged send.

@@ -1,78 +1,33 @@
 //! Devices, revocation, mutual TLS, the server's limits and QUIC hardening, against the daemon
 //! in this process over real QUIC on loopback, with a real store on disk.
 
-#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
-
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::crypto::rustls::QuicClientConfig;
 use quip_client::{Client, ClientConfig, ClientError, StartAt};
 use quip_protocol::{
-    encode_frame, ClientFrame, ClientMessageId, ErrorCode, EventBody, FrameDecoder, Request,
-    RequestId, Response, ServerFrame, UserName,
+    ClientFrame, ClientMessageId, ErrorCode, EventBody, FrameDecoder, Request, RequestId, Response,
+    ServerFrame,
 };
 use quipd::admin::{AdminRequest, AdminResponse, CredentialInfo};
-use quipd::server::ServerStats;
-use quipd::{Server, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use quipd::ServerConfig;
 
-const WAIT: Duration = Duration::from_secs(20);
+use crate::harness::quic::{self, close_code};
+use crate::harness::{code, frame, name, Daemon, WAIT};
+
 /// How soon "at once" must be: a revoked device's connection is closed within this.
 const AT_ONCE: Duration = Duration::from_secs(2);
 
-struct Daemon {
-    addr: SocketAddr,
-    data: tempfile::TempDir,
-    stats: Arc<ServerStats>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+/// A daemon that waits only 2 s for a connection's Hello, then as `configure` changes it.
+async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Daemon {
+    Daemon::start(|config| {
+        config.limits.auth_timeout = Duration::from_secs(2);
+        configure(config);
+    })
+    .await
 }
 
 impl Daemon {
-    async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Daemon {
-        let data = tempfile::tempdir().unwrap();
-        let mut config = ServerConfig::new(data.path(), "127.0.0.1:0".parse().unwrap());
-        config.limits.auth_timeout = Duration::from_secs(2);
-        configure(&mut config);
-        let server = Server::bind(&config).await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let stats = server.stats();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Daemon {
-            addr,
-            data,
-            stats,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.data.path().join("certs/ca.pem")
-    }
-
-    async fn admin(&self, request: AdminRequest) -> AdminResponse {
-        quipd::admin::run(self.data.path(), request).await.unwrap()
-    }
-
-    async fn user(&self, name: &str) -> String {
-        match self
-            .admin(AdminRequest::UserAdd { name: name.into() })
-            .await
-        {
-            AdminResponse::UserAdded { token, .. } => token,
-            other => panic!("user add: {other:?}"),
-        }
-    }
-
     async fn issue(&self, user: &str, device: &str) -> (String, String) {
         let request = AdminRequest::TokenIssue {
             user: user.into(),
@@ -104,10 +59,6 @@ impl Daemon {
         }
     }
 
-    fn client_config(&self, token: &str) -> ClientConfig {
-        ClientConfig::from_ca_file(self.addr.to_string(), self.ca(), token).unwrap()
-    }
-
     async fn client(&self, token: &str) -> Client {
         self.try_client(self.client_config(token)).await.unwrap()
     }
@@ -119,28 +70,10 @@ impl Daemon {
     }
 
     /// A QUIC connection that passed TLS (with `identity` as client certificate, if any).
-    async fn raw(
-        &self,
-        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    ) -> quinn::Connection {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.ca()).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots);
-        let mut tls = match identity {
-            Some((chain, key)) => tls.with_client_auth_cert(chain, key).unwrap(),
-            None => tls.with_no_client_auth(),
-        };
-        tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
-        let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(config);
-        tokio::time::timeout(WAIT, endpoint.connect(self.addr, "localhost").unwrap())
+    async fn raw(&self, identity: Option<quic::Identity>) -> quinn::Connection {
+        let ca = self.ca();
+        let connecting = quic::connect(self.addr, &ca, quip_protocol::ALPN, identity);
+        tokio::time::timeout(WAIT, connecting)
             .await
             .unwrap()
             .unwrap()
@@ -164,14 +97,6 @@ impl Daemon {
             Some(ServerFrame::Welcome { .. }) => Ok(control),
             _ => Err(close_code(conn).await),
         }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .unwrap()
-            .unwrap();
     }
 }
 
@@ -205,20 +130,6 @@ impl Control {
     }
 }
 
-fn frame(value: &ClientFrame) -> Vec<u8> {
-    encode_frame(value, u32::MAX).unwrap()
-}
-
-async fn close_code(conn: &quinn::Connection) -> u64 {
-    match tokio::time::timeout(WAIT, conn.closed())
-        .await
-        .expect("the daemon must close the connection")
-    {
-        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
-        other => panic!("expected an application close, got {other}"),
-    }
-}
-
 /// The close code, which must come within [`AT_ONCE`].
 async fn closed_at_once(conn: &quinn::Connection, what: &str) -> u64 {
     match tokio::time::timeout(AT_ONCE, conn.closed()).await {
@@ -226,14 +137,6 @@ async fn closed_at_once(conn: &quinn::Connection, what: &str) -> u64 {
         Ok(other) => panic!("{what}: closed with {other}"),
         Err(_) => panic!("{what}: still open {AT_ONCE:?} after the revocation"),
     }
-}
-
-fn code(c: ErrorCode) -> u64 {
-    u64::from(c.0)
-}
-
-fn name(s: &str) -> UserName {
-    s.parse().unwrap()
 }
 
 fn error_code(result: Result<impl std::fmt::Debug, ClientError>) -> Option<ErrorCode> {
@@ -248,7 +151,7 @@ fn error_code(result: Result<impl std::fmt::Debug, ClientError>) -> Option<Error
 /// with UNAUTHENTICATED, while the user's other devices carry on.
 #[tokio::test]
 async fn a_revoked_token_is_closed_at_once_and_refused_after() {
-    let daemon = Daemon::start(|_| {}).await;
+    let daemon = start(|_| {}).await;
     let first = daemon.user("alice").await;
     let (phone_id, phone) = daemon.issue("alice", "phone").await;
     let (_, laptop) = daemon.issue("alice", "laptop").await;
@@ -311,7 +214,7 @@ async fn a_revoked_token_is_closed_at_once_and_refused_after() {
 /// never gives its name out again.
 #[tokio::test]
 async fn a_removed_user_is_disconnected_and_leaves_every_conversation() {
-    let daemon = Daemon::start(|_| {}).await;
+    let daemon = start(|_| {}).await;
     let alice_token = daemon.user("alice").await;
     let bob_token = daemon.user("bob").await;
     let alice = daemon.client(&alice_token).await;
@@ -389,7 +292,7 @@ async fn a_removed_user_is_disconnected_and_leaves_every_conversation() {
 /// closes its connection at once.
 #[tokio::test]
 async fn client_certificates_identify_a_device_until_revoked() {
-    let daemon = Daemon::start(|_| {}).await;
+    let daemon = start(|_| {}).await;
     daemon.user("carol").await;
     let certs = daemon.data.path().join("certs");
     let issue = |device: &str| {
@@ -473,7 +376,7 @@ async fn client_certificates_identify_a_device_until_revoked() {
 /// adding; the refusals change nothing and others carry on.
 #[tokio::test]
 async fn member_and_conversation_limits() {
-    let daemon = Daemon::start(|config| {
+    let daemon = start(|config| {
         config.limits.conversations.max_members = 3;
         config.limits.conversations.max_conversations_per_user = 2;
     })
@@ -528,7 +431,7 @@ async fn member_and_conversation_limits() {
 /// Welcome; other users and the open connections carry on; a departure frees the place.
 #[tokio::test]
 async fn connections_per_user_are_limited() {
-    let daemon = Daemon::start(|config| config.limits.connected.max_connections_per_user = 2).await;
+    let daemon = start(|config| config.limits.connected.max_connections_per_user = 2).await;
     let token = daemon.user("erin").await;
     let (_, other_device) = daemon.issue("erin", "tablet").await;
     let one = daemon.client(&token).await;
@@ -566,7 +469,7 @@ async fn connections_per_user_are_limited() {
 /// connections share one bucket.
 #[tokio::test]
 async fn sends_over_the_rate_are_refused_with_retry_after_and_keep_their_order() {
-    let daemon = Daemon::start(|config| {
+    let daemon = start(|config| {
         config.limits.connected.sends_per_sec = 50;
         config.limits.connected.sends_burst = 5;
     })
@@ -628,7 +531,7 @@ async fn sends_over_the_rate_are_refused_with_retry_after_and_keep_their_order()
 /// The configured message size and frame size at their edges.
 #[tokio::test]
 async fn message_and_frame_sizes_at_their_configured_edges() {
-    let daemon = Daemon::start(|config| {
+    let daemon = start(|config| {
         config.limits.max_message_len = 1000;
         config.limits.max_frame_len = 4096;
     })
@@ -681,7 +584,7 @@ async fn message_and_frame_sizes_at_their_configured_edges() {
 /// retried; below it, nobody is.
 #[tokio::test]
 async fn retry_when_handshakes_pile_up() {
-    let always = Daemon::start(|config| config.limits.retry_threshold = 0).await;
+    let always = start(|config| config.limits.retry_threshold = 0).await;
     let token = always.user("ivan").await;
     let client = always.client(&token).await;
     client
@@ -691,7 +594,7 @@ async fn retry_when_handshakes_pile_up() {
     assert!(always.stats.retries.load(Ordering::Relaxed) >= 1);
     always.stop().await;
 
-    let daemon = Daemon::start(|config| {
+    let daemon = start(|config| {
         config.limits.retry_threshold = 3;
         config.limits.auth_timeout = Duration::from_secs(10);
     })
@@ -715,23 +618,11 @@ async fn retry_when_handshakes_pile_up() {
 /// 0-RTT is refused: a client that holds a session ticket cannot send early data.
 #[tokio::test]
 async fn zero_rtt_is_never_accepted() {
-    let daemon = Daemon::start(|_| {}).await;
+    let daemon = start(|_| {}).await;
     let token = daemon.user("kim").await;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(daemon.ca()).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
+    let mut tls = quic::tls_config(&daemon.ca(), quip_protocol::ALPN, None);
     tls.enable_early_data = true;
-    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = quic::endpoint(tls);
     let first = endpoint
         .connect(daemon.addr, "localhost")
         .unwrap()
@@ -758,7 +649,7 @@ async fn zero_rtt_is_never_accepted() {
 /// `idle_timeout`; one that keeps alive stays.
 #[tokio::test]
 async fn silent_connections_end_at_the_idle_timeout() {
-    let daemon = Daemon::start(|config| config.idle_timeout = Duration::from_millis(600)).await;
+    let daemon = start(|config| config.idle_timeout = Duration::from_millis(600)).await;
     let token = daemon.user("lee").await;
     let mut config = daemon.client_config(&token);
     config.idle_timeout = Duration::from_millis(300);
@@ -784,7 +675,7 @@ async fn silent_connections_end_at_the_idle_timeout() {
 /// transport gives it no credit for more.
 #[tokio::test]
 async fn client_stream_counts_are_enforced_by_flow_control() {
-    let daemon = Daemon::start(|_| {}).await;
+    let daemon = start(|_| {}).await;
     let token = daemon.user("mo").await;
     let conn = daemon.raw(None).await;
     let mut control = daemon.hello(&conn, &token).await.unwrap();

@@ -2,74 +2,25 @@
 //! real QUIC on loopback, reach only members and contacts, expire by TTL, survive loss, and
 //! never delay a message.
 
-#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
-
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::crypto::rustls::QuicClientConfig;
 use quip_client::{
     Client, ClientConfig, ConversationId, EphemeralEvent, EphemeralEvents, EventBody,
-    PresenceState, StartAt, TypingChange, TypingTracker, UserName,
+    PresenceState, StartAt, TypingChange, TypingTracker,
 };
-use quip_protocol::{
-    encode_datagram, encode_frame, ClientDatagram, ClientFrame, FrameDecoder, ServerFrame,
-};
-use quipd::admin::{AdminRequest, AdminResponse};
+use quip_protocol::{encode_datagram, ClientDatagram, ClientFrame, FrameDecoder, ServerFrame};
 use quipd::presence::{EphemeralLimits, EphemeralStats};
-use quipd::{Server, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
-const WAIT: Duration = Duration::from_secs(20);
+use crate::harness::{frame, name, Daemon, WAIT};
 
-struct Daemon {
-    addr: SocketAddr,
-    data: tempfile::TempDir,
-    stats: Arc<EphemeralStats>,
-    store: quipd::store::Store,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+async fn start(ephemeral: EphemeralLimits) -> Daemon {
+    Daemon::start(|config| config.limits.ephemeral = ephemeral).await
 }
 
 impl Daemon {
-    async fn start(ephemeral: EphemeralLimits) -> Daemon {
-        let data = tempfile::tempdir().unwrap();
-        let mut config = ServerConfig::new(data.path(), "127.0.0.1:0".parse().unwrap());
-        config.limits.ephemeral = ephemeral;
-        let server = Server::bind(&config).await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let stats = server.ephemeral_stats();
-        let store = server.store();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Daemon {
-            addr,
-            data,
-            stats,
-            store,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn user(&self, name: &str) -> String {
-        let request = AdminRequest::UserAdd { name: name.into() };
-        match quipd::admin::run(self.data.path(), request).await.unwrap() {
-            AdminResponse::UserAdded { token, .. } => token,
-            other => panic!("user add: {other:?}"),
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.data.path().join("certs/ca.pem")
-    }
-
     async fn connect(&self, token: &str) -> Client {
         self.connect_via(self.addr, token).await
     }
@@ -85,34 +36,14 @@ impl Daemon {
 
     /// A connection that logs in, then speaks raw datagrams (what a hostile client could send).
     async fn raw_client(&self, token: &str) -> quinn::Connection {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.ca()).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![quip_protocol::ALPN.to_vec()];
-        let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(config);
-        let conn = endpoint
-            .connect(self.addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = self.raw_connection(quip_protocol::ALPN).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let hello = ClientFrame::Hello {
             token: token.into(),
             client: "raw".into(),
             revision: quip_protocol::REVISION,
         };
-        send.write_all(&encode_frame(&hello, u32::MAX).unwrap())
-            .await
-            .unwrap();
+        send.write_all(&frame(&hello)).await.unwrap();
         let mut decoder = FrameDecoder::new(u32::MAX);
         loop {
             if let Some(frame) = decoder.next_frame::<ServerFrame>().unwrap() {
@@ -126,18 +57,6 @@ impl Daemon {
         std::mem::forget((send, recv));
         conn
     }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
-
-fn name(s: &str) -> UserName {
-    s.parse().unwrap()
 }
 
 fn stat(counter: &std::sync::atomic::AtomicU64) -> u64 {
@@ -187,7 +106,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_members_within_100ms_and_never_a_non_member() {
-    let daemon = Daemon::start(test_limits()).await;
+    let daemon = start(test_limits()).await;
     let (a, b, c) = (
         daemon.user("alice").await,
         daemon.user("bob").await,
@@ -236,17 +155,17 @@ async fn typing_reaches_members_within_100ms_and_never_a_non_member() {
     assert!(median < Duration::from_millis(100), "median {median:?}");
 
     // Carol, not a member, types into the conversation: dropped silently, counted.
-    let not_member = stat(&daemon.stats.not_member);
+    let not_member = stat(&daemon.ephemeral.not_member);
     let raw_carol = daemon.raw_client(&c).await;
     for _ in 0..3 {
         let typing = encode_datagram(&ClientDatagram::Typing { conv }).unwrap();
         raw_carol.send_datagram(typing.into()).unwrap();
     }
     let deadline = Instant::now() + WAIT;
-    while stat(&daemon.stats.not_member) < not_member + 3 && Instant::now() < deadline {
+    while stat(&daemon.ephemeral.not_member) < not_member + 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(stat(&daemon.stats.not_member), not_member + 3);
+    assert_eq!(stat(&daemon.ephemeral.not_member), not_member + 3);
     assert!(
         wait_for(
             &mut bob_events,
@@ -268,15 +187,15 @@ async fn typing_reaches_members_within_100ms_and_never_a_non_member() {
     );
     // A malformed datagram (an unknown variant, as a newer client might send) is dropped and
     // counted; the connection stays open.
-    let malformed = stat(&daemon.stats.malformed);
+    let malformed = stat(&daemon.ephemeral.malformed);
     raw_carol
         .send_datagram(bytes::Bytes::from_static(&[0x7f, 0x01]))
         .unwrap();
     let deadline = Instant::now() + WAIT;
-    while stat(&daemon.stats.malformed) == malformed && Instant::now() < deadline {
+    while stat(&daemon.ephemeral.malformed) == malformed && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(stat(&daemon.stats.malformed), malformed + 1);
+    assert_eq!(stat(&daemon.ephemeral.malformed), malformed + 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         raw_carol.close_reason().is_none(),
@@ -288,7 +207,7 @@ async fn typing_reaches_members_within_100ms_and_never_a_non_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_member_stops_receiving_typing_at_once() {
-    let daemon = Daemon::start(test_limits()).await;
+    let daemon = start(test_limits()).await;
     let (a, b, d) = (
         daemon.user("alice").await,
         daemon.user("bob").await,
@@ -333,7 +252,7 @@ async fn a_removed_member_stops_receiving_typing_at_once() {
 /// still while indicators and presence changes flow, and move again for the next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_and_presence_are_never_written_to_the_store() {
-    let daemon = Daemon::start(test_limits()).await;
+    let daemon = start(test_limits()).await;
     let (a, b) = (daemon.user("alice").await, daemon.user("bob").await);
     let alice = daemon.connect(&a).await;
     let bob = daemon.connect(&b).await;
@@ -389,7 +308,7 @@ async fn typing_and_presence_are_never_written_to_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_indicator_expires_by_ttl_when_the_stop_is_lost_and_a_message_ends_it() {
-    let daemon = Daemon::start(test_limits()).await;
+    let daemon = start(test_limits()).await;
     let (a, b) = (daemon.user("alice").await, daemon.user("bob").await);
     let alice = daemon.connect(&a).await;
     let bob = daemon.connect(&b).await;
@@ -461,7 +380,7 @@ async fn an_indicator_expires_by_ttl_when_the_stop_is_lost_and_a_message_ends_it
 async fn presence_survives_a_quick_reconnect_and_goes_offline_after_the_grace_period() {
     let limits = test_limits();
     let grace = limits.presence_grace;
-    let daemon = Daemon::start(limits).await;
+    let daemon = start(limits).await;
     let (a, b, c) = (
         daemon.user("alice").await,
         daemon.user("bob").await,
@@ -594,7 +513,7 @@ async fn lossy_proxy(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_20_percent_datagram_loss_messages_arrive_in_order_and_typing_shows_up() {
-    let daemon = Daemon::start(test_limits()).await;
+    let daemon = start(test_limits()).await;
     let (a, b) = (daemon.user("alice").await, daemon.user("bob").await);
     let (alice_proxy, alice_counts) = lossy_proxy(daemon.addr, 0.2, 0x5eed_0001).await;
     let (bob_proxy, bob_counts) = lossy_proxy(daemon.addr, 0.2, 0x5eed_0002).await;
@@ -695,7 +614,7 @@ async fn deliver(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_typing_flood_does_not_slow_message_delivery() {
-    let daemon = Daemon::start(test_limits()).await;
+    let daemon = start(test_limits()).await;
     let (a, b, m) = (
         daemon.user("alice").await,
         daemon.user("bob").await,
@@ -764,12 +683,12 @@ async fn a_typing_flood_does_not_slow_message_delivery() {
         "delivery of {N} messages: {quiet:?} quiet, {flooded:?} during a flood of {sent} datagrams \
          (ratio {ratio:.2}); daemon: {} received, {} rate-limited, {} malformed; bob saw {relayed} \
          typing relays",
-        stat(&daemon.stats.received),
-        stat(&daemon.stats.rate_limited_in),
-        stat(&daemon.stats.malformed),
+        stat(&daemon.ephemeral.received),
+        stat(&daemon.ephemeral.rate_limited_in),
+        stat(&daemon.ephemeral.malformed),
     );
     assert!(sent > 1000, "the flood must be a flood: {sent}");
-    assert!(stat(&daemon.stats.rate_limited_in) > 0);
+    assert!(stat(&daemon.ephemeral.rate_limited_in) > 0);
     let allowed = flood_time.as_secs() + 2;
     assert!(
         relayed as u64 <= allowed,

@@ -2,82 +2,30 @@
 //! a tokens file that cannot be written, a daemon that does not answer, commands run at once,
 //! a configuration out of range, a bad RUST_LOG, and arguments that would overflow.
 
-#![allow(clippy::unwrap_used)] // test harness code: a failed unwrap is a failed test
-
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{ChildStderr, Stdio};
 use std::time::{Duration, Instant};
 
-use quipd::server::{admin_socket, store_dir};
+use quipd::server::store_dir;
 use quipd::store::{Store, StoreConfig};
 
-const QUIPD: &str = env!("CARGO_BIN_EXE_quipd");
-
-fn quipd(args: &[&str]) -> Output {
-    Command::new(QUIPD)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("QUIPD_DATA")
-        .env_remove("QUIPD_CONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::harness::process::{command, quipd, stderr, stdout, Child};
 
 fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// A `quipd serve` on `data`, killed on drop.
-struct Serve(Child);
-
-impl Serve {
-    fn start(data: &Path, env: &[(&str, &str)]) -> (Serve, std::process::ChildStderr) {
-        let mut command = Command::new(QUIPD);
-        command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data", s(data)])
-            .env_remove("RUST_LOG")
-            .env_remove("QUIPD_DATA")
-            .env_remove("QUIPD_CONFIG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !admin_socket(data).exists() {
-            assert!(Instant::now() < deadline, "quipd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        (Serve(child), stderr)
+/// A `quipd serve` on `data` with text logs, and its log.
+fn serve(data: &Path, env: &[(&str, &str)]) -> (Child, ChildStderr) {
+    let mut command = command(&["serve", "--listen", "127.0.0.1:0", "--data", s(data)]);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
     }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let mut child = Child::spawn(&mut command);
+    let stderr = child.0.stderr.take().unwrap();
+    child.wait_for_admin_socket(data);
+    (child, stderr)
 }
 
 /// Without a daemon, a data directory that holds no store (mistyped, or never served) is an
@@ -183,8 +131,8 @@ fn tokens_out_is_checked_before_any_user_is_created() {
 fn a_daemon_that_does_not_answer_fails_the_command_after_its_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (daemon, _stderr) = Serve::start(&data, &[]);
-    daemon.signal("-STOP");
+    let (daemon, _stderr) = serve(&data, &[]);
+    daemon.signal("STOP");
     let started = Instant::now();
     let out = quipd(&[
         "user",
@@ -196,7 +144,7 @@ fn a_daemon_that_does_not_answer_fails_the_command_after_its_timeout() {
         s(&data),
     ]);
     let waited = started.elapsed();
-    daemon.signal("-CONT");
+    daemon.signal("CONT");
     assert!(!out.status.success());
     assert!(waited < Duration::from_secs(10), "waited {waited:?}");
     let err = stderr(&out);
@@ -219,9 +167,7 @@ fn offline_commands_at_once_wait_for_each_other() {
     );
     let children: Vec<_> = (0..8)
         .map(|n| {
-            Command::new(QUIPD)
-                .args(["user", "add", &format!("user{n}"), "--data", s(&data)])
-                .env_remove("QUIPD_DATA")
+            command(&["user", "add", &format!("user{n}"), "--data", s(&data)])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -303,7 +249,7 @@ fn a_bad_rust_log_falls_back_to_the_configured_filter_without_colours() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (daemon, stderr) = Serve::start(&data, &[("RUST_LOG", "[[[bad")]);
+    let (daemon, stderr) = serve(&data, &[("RUST_LOG", "[[[bad")]);
     let (lines, received) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {

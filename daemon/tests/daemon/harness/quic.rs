@@ -1,0 +1,63 @@
+//! Raw QUIC to the daemon, below the SDK: what a broken or hostile client could send.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::WAIT;
+
+/// A client certificate chain and its key.
+pub type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// TLS 1.3 trusting only `ca`, offering `alpn`, with `identity` as client certificate if any.
+pub fn tls_config(ca: &Path, alpn: &[u8], identity: Option<Identity>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some((chain, key)) => tls.with_client_auth_cert(chain, key).unwrap(),
+        None => tls.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls
+}
+
+/// A client endpoint on its own port that connects with `tls`.
+pub fn endpoint(tls: rustls::ClientConfig) -> quinn::Endpoint {
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
+}
+
+/// A connection to `addr` that passed TLS (see [`tls_config`]) and has said nothing yet.
+pub async fn connect(
+    addr: SocketAddr,
+    ca: &Path,
+    alpn: &[u8],
+    identity: Option<Identity>,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let endpoint = endpoint(tls_config(ca, alpn, identity));
+    endpoint.connect(addr, "localhost").unwrap().await
+}
+
+/// The application code the daemon closes `conn` with, within [`WAIT`].
+pub async fn close_code(conn: &quinn::Connection) -> u64 {
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the daemon must close the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("expected an application close, got {other}"),
+    }
+}
