@@ -30,7 +30,10 @@ pub use corpus::{
     corpus_dir, corpus_or_fixture_languages, fixture_path, load_corpus, parse_conversations,
     Conversation, FIXTURE_LANGUAGE,
 };
-pub use process::{binaries, free_udp_port, Binaries, CliOutput, DaemonProcess, Quip};
+pub use process::{
+    binaries, free_tcp_port, free_udp_port, scrape_metrics, Binaries, CliOutput, DaemonProcess,
+    Quip,
+};
 pub use server::TestServer;
 
 /// The deadline of one step that should take well under a second (a request, a connect).

@@ -138,6 +138,42 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, read, released).
+pub fn free_tcp_port() -> u16 {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("binding a TCP socket on 127.0.0.1:0");
+    listener
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
+/// The samples of a Prometheus endpoint (`GET /metrics`), by series (name and labels).
+pub async fn scrape_metrics(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("asking for /metrics");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("reading /metrics");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "GET /metrics: {head}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// A `quipd serve` process on its own temporary data directory. SIGKILLed when dropped.
 #[derive(Debug)]
 pub struct DaemonProcess {
