@@ -70,13 +70,14 @@ impl PresenceState {
 pub struct PresenceInfo {
     pub user: UserName,
     pub state: PresenceState,
-    /// Server time, milliseconds since the Unix epoch, when the user was last connected and not
-    /// away; `None` if the server has not seen the user since it started. Informational.
+    /// Server time, milliseconds since the Unix epoch, of the user's last presence change while
+    /// it was online (SPEC 12.4); `None` if the server has not seen the user since it started.
+    /// Informational.
     pub last_seen_ms: Option<u64>,
-    /// Grows with every change the server makes to any user's presence, within one connection's
-    /// lifetime. A client ignores a datagram whose version is not above the one it holds for that
-    /// user (datagrams may be reordered). A new connection may start lower: a snapshot
-    /// (`Response::Presence`) replaces what the client held.
+    /// Grows with every change the server makes to any user's presence, within one server run.
+    /// A client ignores a datagram whose version is not above the one it holds for that user
+    /// (datagrams may be reordered). A new connection may start lower (another server run): a
+    /// snapshot (`Response::Presence`) replaces what the client held.
     pub version: u64,
 }
 

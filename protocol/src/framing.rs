@@ -71,12 +71,38 @@ pub fn encode_frame_into<T: Serialize>(
 
 /// Decodes one postcard body, rejecting bytes left over after the value.
 pub fn decode_exact<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    let (value, rest) =
-        postcard::take_from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| FrameError::malformed(&e))?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
     }
     Ok(value)
+}
+
+impl FrameError {
+    /// A body postcard could not decode, said in the words of SPEC section 3.3: postcard's own
+    /// messages speak of serde and of "usize on this platform", which tells the developer of a
+    /// client in another language nothing.
+    pub fn malformed(error: &postcard::Error) -> FrameError {
+        FrameError::Malformed(malformed_reason(error))
+    }
+}
+
+fn malformed_reason(error: &postcard::Error) -> String {
+    use postcard::Error as E;
+    match error {
+        E::DeserializeUnexpectedEnd => "the body ends inside a value",
+        E::DeserializeBadVarint => "a varint is too long or too large for its integer type",
+        E::DeserializeBadBool => "a bool is neither 0 nor 1",
+        E::DeserializeBadChar => "a char is not a Unicode scalar value",
+        E::DeserializeBadUtf8 => "a string is not UTF-8",
+        E::DeserializeBadOption => "an Option tag is neither 0 nor 1",
+        E::DeserializeBadEnum => "an enum variant index is too large",
+        E::SerdeDeCustom => {
+            "a value its type does not allow (an unknown enum variant, or one out of range)"
+        }
+        other => return other.to_string(),
+    }
+    .to_owned()
 }
 
 /// Turns a byte stream, fed in chunks of any size, into frames.

@@ -88,15 +88,17 @@ impl FromStr for UserName {
     }
 }
 
+// Identifiers display through their inner value's `Display`, so that widths and alignment
+// (`{:<20}` in a table) apply to them as to any string or number.
 impl fmt::Display for UserName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
 impl fmt::Display for ConversationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -110,7 +112,7 @@ impl FromStr for ConversationId {
 
 impl fmt::Display for Seq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -170,6 +172,17 @@ mod tests {
         for bad in ["", "Alice", "-bob", "al ice", "é", &"a".repeat(33), ".x"] {
             assert!(bad.parse::<UserName>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ids_take_widths_like_strings_and_numbers() {
+        let row = format!(
+            "{:<8}|{:>4}|{:<3}|",
+            UserName("bob".into()),
+            ConversationId(7),
+            Seq(42)
+        );
+        assert_eq!(row, "bob     |   7|42 |");
     }
 
     #[test]

@@ -1056,10 +1056,33 @@ fn small_limits_are_exact_on_both_sides() {
 // 5. Malformed frames
 // ------------------------------------------------------------------------------------------------
 
-/// `FrameError::Malformed` carries postcard's description of what was wrong; comparing it with
-/// postcard's own error (not its wording) pins the reason each corpus entry is refused.
+/// `FrameError::Malformed` says which of postcard's errors the body hit; comparing with the
+/// error (not its wording) pins the reason each corpus entry is refused.
 fn malformed(reason: postcard::Error) -> FrameError {
-    FrameError::Malformed(reason.to_string())
+    FrameError::malformed(&reason)
+}
+
+#[test]
+fn malformed_reasons_are_in_the_spec_s_words() {
+    let cases = [
+        (&[0x09][..], "an unknown enum variant"),
+        (&[0x01, 0x07, 0x13][..], "an unknown enum variant"),
+        (&[0x01][..], "the body ends inside a value"),
+        (
+            &[
+                0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ][..],
+            "a varint",
+        ),
+    ];
+    for (body, words) in cases {
+        let reason = decode_exact::<ClientFrame>(body).unwrap_err().to_string();
+        assert!(reason.contains(words), "{}: {reason}", hex::encode(body));
+        assert!(
+            !reason.contains("Serde") && !reason.contains("usize"),
+            "{reason}"
+        );
+    }
 }
 
 /// The body ended inside a value.
