@@ -676,28 +676,6 @@ impl Store {
         Ok(events)
     }
 
-    /// Hands up to `limit` events with seq > `after`, ascending, to `visit`, without collecting
-    /// them first.
-    pub fn visit_events_after(
-        &self,
-        conv: ConversationId,
-        after: Seq,
-        limit: usize,
-        visit: &mut dyn FnMut(Event) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
-        let mut failed = None;
-        self.visit_stored_after(conv, after, limit, &mut |mut event| match self
-            .fill_texts(conv, std::slice::from_mut(&mut event))
-        {
-            Ok(()) => visit(event),
-            Err(e) => {
-                failed = Some(e);
-                ControlFlow::Break(())
-            }
-        })?;
-        failed.map_or(Ok(()), Err)
-    }
-
     /// Events as the engine holds them: texts of schema 2 not yet read from the text log.
     fn visit_stored_after(
         &self,
@@ -809,11 +787,16 @@ impl Store {
         if let Some(e) = failed {
             return Err(e);
         }
+        let wanted: Vec<TextRef> = events
+            .iter()
+            .filter(|e| needs(e))
+            .filter_map(|e| refs.get(&e.seq).copied())
+            .collect();
+        let mut read = self.texts.read_many(&wanted)?.into_iter();
         for event in events.iter_mut().filter(|e| needs(e)) {
-            if let Some(text) = refs.get(&event.seq) {
-                let read = self.texts.read(*text)?;
-                if let Some(slot) = event.body.text_mut() {
-                    *slot = read;
+            if refs.contains_key(&event.seq) {
+                if let (Some(slot), Some(text)) = (event.body.text_mut(), read.next()) {
+                    *slot = text;
                 }
             }
         }

@@ -66,6 +66,16 @@ pub struct TextRef {
     pub len: u32,
 }
 
+impl TextRef {
+    /// The offset just past the text.
+    fn end(&self) -> u64 {
+        self.offset + u64::from(self.len)
+    }
+}
+
+/// Most bytes that one read of [`TextLog::read_many`] spans.
+const MAX_READ_SPAN: u64 = 256 * 1024;
+
 /// A group commit as its frame holds it: the engine writes, and the texts it erased.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -309,17 +319,52 @@ impl TextLog {
 
     /// The text at `text`.
     pub fn read(&self, text: TextRef) -> Result<String, StoreError> {
-        if text.offset + u64::from(text.len) > self.end() {
-            return Err(StoreError::Corrupt(format!(
-                "a text at {}+{} is past the end of the text log",
-                text.offset, text.len
-            )));
+        self.read_many(&[text])?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("a text read returned nothing".into()))
+    }
+
+    /// The texts at `texts`, in their order. Texts that lie near each other in the log (the
+    /// usual case: a conversation's messages were committed one after another) are read with
+    /// one `pread` per run of at most [`MAX_READ_SPAN`] bytes instead of one each; what lies
+    /// between them (frame headers, engine writes, other conversations' texts) is read along.
+    pub fn read_many(&self, texts: &[TextRef]) -> Result<Vec<String>, StoreError> {
+        let end = self.end();
+        let mut out = Vec::with_capacity(texts.len());
+        let mut span = Vec::new();
+        let mut rest = texts;
+        while let Some(first) = rest.first() {
+            let start = first.offset;
+            let mut span_end = first.end();
+            let run = 1 + rest[1..]
+                .iter()
+                .take_while(|t| {
+                    let fits = t.offset >= start && t.end().max(span_end) - start <= MAX_READ_SPAN;
+                    if fits {
+                        span_end = span_end.max(t.end());
+                    }
+                    fits
+                })
+                .count();
+            if span_end > end {
+                return Err(StoreError::Corrupt(format!(
+                    "a text ending at byte {span_end} is past the end of the text log ({end})"
+                )));
+            }
+            span.resize((span_end - start) as usize, 0);
+            self.file
+                .read_exact_at(&mut span, start)
+                .map_err(io("reading"))?;
+            for text in &rest[..run] {
+                let at = (text.offset - start) as usize;
+                let bytes = span[at..at + text.len as usize].to_vec();
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| StoreError::Corrupt("a text is not UTF-8".into()))?;
+                out.push(text);
+            }
+            rest = &rest[run..];
         }
-        let mut bytes = vec![0u8; text.len as usize];
-        self.file
-            .read_exact_at(&mut bytes, text.offset)
-            .map_err(io("reading"))?;
-        String::from_utf8(bytes).map_err(|_| StoreError::Corrupt("a text is not UTF-8".into()))
+        Ok(out)
     }
 }
 
@@ -404,6 +449,58 @@ mod tests {
         assert_eq!(all[1].erased, erased.to_vec());
         let (_, after) = TextLog::open(dir.path(), checkpoint).unwrap();
         assert_eq!(after, vec![all[1].clone()]);
+    }
+
+    #[test]
+    fn texts_read_together_come_back_whole_in_the_order_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = TextLog::open(dir.path(), 0).unwrap();
+        let mut written = Vec::new();
+        // Neighbours, a commit far past the read span, texts in one frame, an empty text.
+        for (i, texts) in [
+            vec!["héllo", "wörld"],
+            vec![
+                "x".repeat(MAX_READ_SPAN as usize + 10).as_str(),
+                "after the big one",
+            ],
+            vec!["", "👋"],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut at = log.next_texts_at();
+            let joined: String = texts.concat();
+            for text in texts {
+                written.push((
+                    TextRef {
+                        offset: at,
+                        len: text.len() as u32,
+                    },
+                    text.to_string(),
+                ));
+                at += text.len() as u64;
+            }
+            log.append_frame(joined.as_bytes(), &frame_with(&[(&[i as u8], None)], &[]))
+                .unwrap();
+        }
+        let all: Vec<TextRef> = written.iter().map(|(r, _)| *r).collect();
+        let expected: Vec<String> = written.iter().map(|(_, t)| t.clone()).collect();
+        assert_eq!(log.read_many(&all).unwrap(), expected);
+        // Out of log order (a conversation's texts need not be in offset order).
+        let reversed: Vec<TextRef> = all.iter().rev().copied().collect();
+        let mut expected_reversed = expected.clone();
+        expected_reversed.reverse();
+        assert_eq!(log.read_many(&reversed).unwrap(), expected_reversed);
+        assert_eq!(log.read_many(&[]).unwrap(), Vec::<String>::new());
+        // A place past the end is corruption, not a short read.
+        let past = TextRef {
+            offset: log.end() - 2,
+            len: 3,
+        };
+        assert!(matches!(
+            log.read_many(&[all[0], past]),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]
