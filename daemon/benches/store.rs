@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // measuring code
 
-
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quip_protocol::{ClientMessageId, ConversationId, EventBody, Seq, UserName};
 use quipd::store::{BackendKind, Store, StoreConfig, StoredEvent, WriteBatch};

@@ -32,6 +32,13 @@ pub const DATAGRAMS_RELAYED: &str = "quipd_datagrams_relayed_total";
 pub const DATAGRAMS_DROPPED: &str = "quipd_datagrams_dropped_total";
 pub const ERRORS: &str = "quipd_errors_total";
 pub const STORE_FAILURES: &str = "quipd_store_failures_total";
+pub const PUSH_QUEUED: &str = "quipd_push_messages_queued_total";
+pub const PUSH_DROPPED: &str = "quipd_push_messages_dropped_total";
+pub const PUSH_SKIPPED_ONLINE: &str = "quipd_push_skipped_online_total";
+pub const PUSH_CALLS: &str = "quipd_push_calls_total";
+pub const PUSH_CALL_FAILURES: &str = "quipd_push_call_failures_total";
+pub const PUSH_DELIVERED: &str = "quipd_push_batches_delivered_total";
+pub const PUSH_GIVEN_UP: &str = "quipd_push_batches_given_up_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -118,6 +125,22 @@ fn describe() {
         STORE_FAILURES,
         "Requests answered UNAVAILABLE because the store failed (logged once a minute)."
     );
+    describe_counter!(PUSH_QUEUED, "Messages handed to the offline push hook.");
+    describe_counter!(PUSH_DROPPED, "Messages the push hook's full queue dropped.");
+    describe_counter!(
+        PUSH_SKIPPED_ONLINE,
+        "Members not notified because a device of theirs was online."
+    );
+    describe_counter!(PUSH_CALLS, "Calls of the push hook, retries included.");
+    describe_counter!(
+        PUSH_CALL_FAILURES,
+        "Push hook calls that failed (an error answer, a timeout, a failed command)."
+    );
+    describe_counter!(PUSH_DELIVERED, "Push batches the hook accepted.");
+    describe_counter!(
+        PUSH_GIVEN_UP,
+        "Push batches dropped after their last attempt failed."
+    );
     gauge!(CONNECTIONS).set(0.0);
     gauge!(SESSIONS).set(0.0);
     gauge!(CONVERSATIONS_ACTIVE).set(0.0);
@@ -134,6 +157,13 @@ fn describe() {
         DATAGRAMS_RELAYED,
         DATAGRAMS_DROPPED,
         STORE_FAILURES,
+        PUSH_QUEUED,
+        PUSH_DROPPED,
+        PUSH_SKIPPED_ONLINE,
+        PUSH_CALLS,
+        PUSH_CALL_FAILURES,
+        PUSH_DELIVERED,
+        PUSH_GIVEN_UP,
     ] {
         counter!(name).absolute(0);
     }

@@ -133,8 +133,10 @@ pub struct PushStats {
     pub delivered: AtomicU64,
 }
 
-fn count(counter: &AtomicU64) {
+/// Counts one event both in `PushStats` (for tests in this process) and in the metric `name`.
+fn count(counter: &AtomicU64, name: &'static str) {
     counter.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(name).increment(1);
 }
 
 /// Reads a counter.
@@ -171,8 +173,8 @@ impl PushHandle {
     /// dropped and counted.
     pub fn notify(&self, arrival: Arrival) {
         match self.arrivals.try_send(arrival) {
-            Ok(()) => count(&self.stats.queued),
-            Err(_) => count(&self.stats.dropped),
+            Ok(()) => count(&self.stats.queued, crate::metrics::PUSH_QUEUED),
+            Err(_) => count(&self.stats.dropped, crate::metrics::PUSH_DROPPED),
         }
     }
 
@@ -334,12 +336,12 @@ impl PushActor {
                 Some(done) = self.calls.join_next(), if !self.calls.is_empty() => {
                     if let Ok((batch, attempt, ok)) = done {
                         if ok {
-                            count(&self.stats.delivered);
+                            count(&self.stats.delivered, crate::metrics::PUSH_DELIVERED);
                         } else {
-                            count(&self.stats.failures);
+                            count(&self.stats.failures, crate::metrics::PUSH_CALL_FAILURES);
                         }
                         if self.queue.handle_result(batch, attempt, ok, Instant::now()) {
-                            count(&self.stats.given_up);
+                            count(&self.stats.given_up, crate::metrics::PUSH_GIVEN_UP);
                             tracing::warn!("push hook failed on every attempt; notifications dropped");
                         }
                     }
@@ -353,7 +355,7 @@ impl PushActor {
             if self.calls.len() < MAX_CALLS {
                 for (batch, attempt) in self.queue.poll_due(Instant::now()) {
                     let caller = self.caller.clone();
-                    count(&self.stats.calls);
+                    count(&self.stats.calls, crate::metrics::PUSH_CALLS);
                     self.calls.spawn(async move {
                         let ok = caller.call(&batch).await;
                         (batch, attempt, ok)
@@ -368,7 +370,7 @@ impl PushActor {
         let now = Instant::now();
         for user in arrival.to {
             if online.contains(&user) {
-                count(&self.stats.online);
+                count(&self.stats.online, crate::metrics::PUSH_SKIPPED_ONLINE);
                 continue;
             }
             let notification = Notification {

@@ -413,7 +413,10 @@ async fn the_metrics_endpoint_counts_what_happened() {
     let config = config_file(
         dir.path(),
         &data,
-        &format!("[metrics]\nlisten = \"{metrics_addr}\"\n"),
+        &format!(
+            "[metrics]\nlisten = \"{metrics_addr}\"\n\
+             [push]\ncommand = [\"true\"]\nbatch_window_ms = 100\n"
+        ),
     );
     let daemon = Quipd::start(&config, &data, &[], &[]);
     let before = scrape(metrics_addr).await;
@@ -427,6 +430,9 @@ async fn the_metrics_endpoint_counts_what_happened() {
         "quipd_datagrams_relayed_total",
         "quipd_datagrams_dropped_total",
         "quipd_errors_total{code=\"NOT_FOUND\",scope=\"request\"}",
+        "quipd_push_messages_queued_total",
+        "quipd_push_calls_total",
+        "quipd_push_batches_delivered_total",
     ] {
         assert_eq!(before.get(name), Some(&0.0), "{name} before any traffic");
     }
@@ -446,6 +452,32 @@ async fn the_metrics_endpoint_counts_what_happened() {
     }
     let missing = alice.send(ConversationId(999), "nobody").await.unwrap_err();
     assert_eq!(missing.code(), Some(ErrorCode::NOT_FOUND));
+    // Bob is offline: the push hook (a command that accepts everything) is called for him.
+    let pushed = tokio::time::timeout(WAIT, async {
+        loop {
+            let now = scrape(metrics_addr).await;
+            if now.get("quipd_push_batches_delivered_total") >= Some(&1.0) {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the push hook was never called for bob");
+    assert_eq!(
+        pushed["quipd_push_messages_queued_total"],
+        f64::from(acked),
+        "every message is handed to the hook"
+    );
+    assert!(pushed["quipd_push_calls_total"] >= 1.0);
+    for name in [
+        "quipd_push_call_failures_total",
+        "quipd_push_batches_given_up_total",
+        "quipd_push_messages_dropped_total",
+        "quipd_push_skipped_online_total",
+    ] {
+        assert_eq!(pushed[name], 0.0, "{name}");
+    }
     // Bob replays the conversation from the store.
     let bob = daemon.connect(&bob).await;
     let mut events = bob.subscribe(conv, StartAt::Beginning).await.unwrap();
