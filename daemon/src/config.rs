@@ -717,10 +717,19 @@ pub fn settings(file: &ConfigFile, config: &ServerConfig) -> Vec<(String, String
         ("tls.client_auth", file.tls.client_auth.to_string()),
         (
             "tls.client_ca",
-            config.client_ca_file().map_or_else(
-                || "off (tokens only)".to_owned(),
-                |ca| ca.display().to_string(),
-            ),
+            match &config.client_auth {
+                ClientAuth::Off => "off (tokens only)".to_owned(),
+                ClientAuth::Ca(ca) => ca.display().to_string(),
+                ClientAuth::DataDirCa => {
+                    let ca =
+                        crate::server::certs_dir(&config.data_dir).join(quip_certs::CA_CERT_FILE);
+                    if ca.exists() {
+                        ca.display().to_string()
+                    } else {
+                        format!("{} (made on the first start)", ca.display())
+                    }
+                }
+            },
         ),
         ("limits.max_connections", config.max_connections.to_string()),
         ("limits.handshake_timeout_ms", ms(limits.handshake_timeout)),

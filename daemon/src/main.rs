@@ -15,6 +15,15 @@ use quipd::store::{backup, BackendKind};
 use quipd::{Server, ServerConfig};
 use sd_notify::NotifyState;
 
+/// `println!` that reports a closed standard output (`quipd user list | head -1`) as an error
+/// instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing output")
+    }};
+}
+
 /// mimalloc rather than the system allocator: the store engines and the message path make
 /// many small, short-lived allocations, and glibc's malloc spent about a fifth of the daemon's
 /// CPU on them under load (see BENCHMARKS.md).
@@ -347,15 +356,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (answer, _) => answer?,
             };
             match answer {
-                AdminResponse::UserAdded { token, .. } => println!("{token}"),
+                AdminResponse::UserAdded { token, .. } => outln!("{token}")?,
                 AdminResponse::UserRemoved {
                     user,
                     credentials,
                     closed,
                     conversations,
-                } => println!(
+                } => outln!(
                     "removed {user}: {credentials} credentials revoked, {closed} connections closed, left {conversations} conversations"
-                ),
+                )?,
                 AdminResponse::UsersAdded { users } => {
                     let lines: String = users
                         .iter()
@@ -363,10 +372,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect();
                     match tokens_file {
                         Some((file, path)) => write_tokens(file, &path, lines.as_bytes())?,
-                        None => print!("{lines}"),
+                        None => {
+                            use std::io::Write as _;
+                            std::io::stdout()
+                                .lock()
+                                .write_all(lines.as_bytes())
+                                .context("writing output")?
+                        }
                     }
                 }
-                AdminResponse::Users { users } => users.iter().for_each(|u| println!("{u}")),
+                AdminResponse::Users { users } => {
+                    for user in users {
+                        outln!("{user}")?;
+                    }
+                }
                 AdminResponse::Error { message } => {
                     if let Some((_, path)) = &tokens_file {
                         let _ = std::fs::remove_file(path);
@@ -415,18 +434,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 der_hex: hex::encode(&cert.der),
                 not_after_ms,
             };
-            let options = data_dir_options.options();
-            let id = match admin::run_with(&data, request, options).await? {
-                AdminResponse::CertRegistered { id } => id,
-                AdminResponse::Error { message } => anyhow::bail!(message),
-                other => anyhow::bail!("unexpected answer {other:?}"),
-            };
+            // The files first: a certificate registered without them would be a working
+            // credential whose key nobody has. They are removed if the registration fails.
             let name = format!("{user}-{device}");
-            let (cert_path, key_path) = quip_certs::write_client_certificate(&out, &name, &cert)
-                .with_context(|| {
-                    format!("the certificate is registered as {id}; revoke it with `quipd token revoke {id}`")
-                })?;
-            println!("{id}");
+            let (cert_path, key_path) = quip_certs::write_client_certificate(&out, &name, &cert)?;
+            let registered = match admin::run_with(&data, request, data_dir_options.options()).await
+            {
+                Ok(AdminResponse::CertRegistered { id }) => Ok(id),
+                Ok(AdminResponse::Error { message }) => Err(anyhow::anyhow!(message)),
+                Ok(other) => Err(anyhow::anyhow!("unexpected answer {other:?}")),
+                Err(e) => Err(e),
+            };
+            let id = match registered {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&cert_path);
+                    let _ = std::fs::remove_file(&key_path);
+                    return Err(e);
+                }
+            };
+            outln!("{id}")?;
             eprintln!(
                 "client certificate {} and key {} for {user}'s device {device:?}, valid until {}",
                 cert_path.display(),
@@ -451,15 +478,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut settings = quip_certs::PkiSettings::new(hostname);
             settings.extra_names = sans;
             let files = quip_certs::create_pki(&dir, &settings)?;
-            println!("server certificate for {}", files.server_names.join(", "));
-            println!("  valid until {}", files.server_not_after.date());
-            println!("  {}", files.server_cert.display());
-            println!("  {}", files.server_key.display());
-            println!("CA certificate for clients: {}", files.ca_cert.display());
-            println!(
+            outln!("server certificate for {}", files.server_names.join(", "))?;
+            outln!("  valid until {}", files.server_not_after.date())?;
+            outln!("  {}", files.server_cert.display())?;
+            outln!("  {}", files.server_key.display())?;
+            outln!("CA certificate for clients: {}", files.ca_cert.display())?;
+            outln!(
                 "CA key: {} (keep it offline; the daemon does not need it)",
                 files.ca_key.display()
-            );
+            )?;
             Ok(())
         }
         Command::Backup { out, data } => {
@@ -467,14 +494,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = data.options();
             let data = data.resolve()?;
             let summary = admin::backup_with(&data, &out, options).await?;
-            println!(
+            outln!(
                 "{}: {} conversations, {} events, {} records, store epoch {}",
                 out.display(),
                 summary.conversations,
                 summary.events,
                 summary.records,
                 summary.epoch
-            );
+            )?;
             Ok(())
         }
         Command::Restore { from, data, store } => restore(&from, &data, store),
@@ -491,22 +518,26 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
     };
     match admin::run_with(&data.resolve()?, request, data.options()).await? {
         AdminResponse::TokenIssued { user, id, token } => {
-            println!("{token}");
+            outln!("{token}")?;
             eprintln!("issued token {id} for {user}");
         }
         AdminResponse::Credentials { credentials } if json => {
             for c in credentials {
-                println!("{}", serde_json::to_string(&c)?);
+                outln!("{}", serde_json::to_string(&c)?)?;
             }
         }
         AdminResponse::Credentials { credentials } => {
-            println!(
+            outln!(
                 "{:<16}  {:<20}  {:<11}  {:<20}  {:<16}  LAST USED",
-                "ID", "USER", "KIND", "DEVICE", "CREATED"
-            );
+                "ID",
+                "USER",
+                "KIND",
+                "DEVICE",
+                "CREATED"
+            )?;
             for c in credentials {
                 let device = if c.device.is_empty() { "-" } else { &c.device };
-                println!(
+                outln!(
                     "{:<16}  {:<20}  {:<11}  {:<20}  {:<16}  {}",
                     c.id,
                     c.user,
@@ -514,7 +545,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     device,
                     utc(c.created_at_ms),
                     c.last_used_ms.map_or_else(|| "never".into(), utc)
-                );
+                )?;
             }
         }
         AdminResponse::Revoked {
@@ -522,7 +553,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             user,
             device,
             closed,
-        } => println!("revoked {id} ({user}, device {device:?}); closed {closed} connections"),
+        } => outln!("revoked {id} ({user}, device {device:?}); closed {closed} connections")?,
         AdminResponse::Error { message } => anyhow::bail!(message),
         other => anyhow::bail!("unexpected answer {other:?}"),
     }
@@ -697,9 +728,9 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
         quip_certs::ServerIdentity::from_pem_files(cert, key)
             .map_err(|e| anyhow::anyhow!("{}: `tls.cert`/`tls.key`: {e}", file.display()))?;
     }
-    println!("{}: ok", file.display());
+    outln!("{}: ok", file.display())?;
     for (key, value) in quipd::config::settings(&parsed, &config) {
-        println!("{key} = {value}");
+        outln!("{key} = {value}")?;
     }
     Ok(())
 }
@@ -740,19 +771,32 @@ fn restore(from: &Path, data: &Path, store: BackendKind) -> anyhow::Result<()> {
             data.display()
         );
     }
+    // A restore that fails leaves no directory behind that it made.
+    let made = !data.exists();
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
-    let summary = backup::restore(from, &store_dir(data), store)?;
-    println!(
+    let summary = match backup::restore(from, &store_dir(data), store) {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = if made {
+                std::fs::remove_dir_all(data)
+            } else {
+                std::fs::remove_dir_all(store_dir(data))
+            };
+            return Err(e.into());
+        }
+    };
+    outln!(
         "restored {} of the backup's {} records ({} events) into {}: the store epoch and the \
          end of the text log are made anew",
         summary.records,
         summary.records + summary.remade,
         summary.events,
         data.display()
-    );
-    println!(
+    )?;
+    outln!(
         "new store epoch {} (the backup's was {}): clients reset their cursors",
-        summary.epoch, summary.backup_epoch
-    );
+        summary.epoch,
+        summary.backup_epoch
+    )?;
     Ok(())
 }

@@ -218,7 +218,7 @@ fn main() -> ExitCode {
     // A stdin reader still blocked on a pipe nobody closes must not hold up the exit.
     runtime.shutdown_background();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("quip: {}", Shown(&e.to_string()));
             ExitCode::FAILURE
@@ -288,12 +288,15 @@ async fn connect(conn: &Connection) -> Result<Client, ClientError> {
     Client::connect(config).await
 }
 
-async fn run(cli: Cli) -> Result<(), ClientError> {
+/// The exit status of a command stopped by Ctrl-C, as shells report SIGINT.
+const INTERRUPTED: u8 = 130;
+
+async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
     if let Command::Bench(args) = cli.command {
         // The load tool makes its own users and connections.
         return quip_client::bench::run(args, &cli.conn.server, &cli.conn.ca)
             .await
-            .map(drop)
+            .map(|_| ExitCode::SUCCESS)
             .map_err(|e| ClientError::Config(format!("{e:#}")));
     }
     let client = connect(&cli.conn).await?;
@@ -303,7 +306,17 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         let file = cli.conn.state.clone().unwrap_or_default();
         tokio::spawn(settle_resumed(resumed, file))
     });
-    let result = command(&client, cli.command).await;
+    // Ctrl-C (how `quip tail` is usually stopped) closes the connection like the end of a
+    // command does, so that the server ends the session at once instead of at its idle
+    // timeout; what was not acknowledged stays in the state file.
+    let result = tokio::select! {
+        result = command(&client, cli.command) => result,
+        _ = tokio::signal::ctrl_c() => {
+            status.abort();
+            client.close().await;
+            return Ok(ExitCode::from(INTERRUPTED));
+        }
+    };
     // The sends an earlier run left are part of this run: wait for them (bounded by the
     // give-up time), then say what became of them.
     let resumed_ok = match resumed {
@@ -314,7 +327,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     client.close().await;
     result?;
     if resumed_ok {
-        Ok(())
+        Ok(ExitCode::SUCCESS)
     } else {
         Err(ClientError::Config(
             "sends left in the state file by an earlier run failed (see above)".into(),

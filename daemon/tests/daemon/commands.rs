@@ -240,6 +240,14 @@ fn check_config_checks_ranges_by_line_and_prints_every_setting() {
             "no {line:?} in\n{printed}"
         );
     }
+    // Client certificates are on, against the CA the first start makes ("... (made on the
+    // first start)" until then), not "off".
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("tls.client_ca = /var/lib/quipd/certs/ca.pem")),
+        "{printed}"
+    );
 }
 
 /// A RUST_LOG that does not parse is warned about and the configured filter used (before, it
@@ -339,5 +347,119 @@ fn bad_arguments_are_refused_and_restore_counts_add_up() {
     assert!(
         said.contains(&format!("of the backup's {backed_up} records")),
         "{said}"
+    );
+}
+
+/// What a command prints goes to a pipe that may be closed (`quipd token list | head -1`):
+/// that is one error line and exit 1, never a panic.
+#[test]
+fn output_to_a_closed_pipe_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(
+        quipd(&["user", "add", "alice", "--create", "--data", s(&data)])
+            .status
+            .success()
+    );
+    let config = dir.path().join("quipd.toml");
+    std::fs::write(&config, format!("data_dir = {:?}\n", s(&data))).unwrap();
+    for args in [
+        vec!["user", "list", "--data", s(&data)],
+        vec!["token", "list", "--data", s(&data)],
+        vec!["user", "add", "bob", "--data", s(&data)],
+        vec!["check-config", s(&config)],
+    ] {
+        // The reading end is closed before the command starts, so its first write fails.
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        drop(reader);
+        let out = command(&args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "quipd {args:?}: {err}");
+        assert!(
+            err.contains("writing output") && !err.contains("panicked"),
+            "quipd {args:?}: {err}"
+        );
+    }
+}
+
+/// `certs client` whose files cannot be written registers nothing: a certificate whose key
+/// nobody has would be a working credential nobody can use or knows to revoke. A `restore`
+/// that fails leaves no data directory behind.
+#[test]
+fn failed_commands_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out_dir = dir.path().join("client-certs");
+    let certs = |extra: &[&str]| {
+        let mut args = vec!["certs", "client", "alice", "--device", "phone"];
+        args.extend(["--out", s(&out_dir), "--data", s(&data)]);
+        args.extend(extra);
+        quipd(&args)
+    };
+    let credentials = || -> Vec<serde_json::Value> {
+        let out = quipd(&["token", "list", "alice", "--json", "--data", s(&data)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    // The CA comes from the development PKI of a first start.
+    let mut daemon = serve(&data, &[]).0;
+    assert!(quipd(&["user", "add", "alice", "--data", s(&data)])
+        .status
+        .success());
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+
+    let first = certs(&[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let key = std::fs::read(out_dir.join("alice-phone.key")).unwrap();
+    assert_eq!(credentials().len(), 2, "a token and a certificate");
+
+    let again = certs(&[]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already exists") && !stderr(&again).contains("registered"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        credentials().len(),
+        2,
+        "the refused certificate was registered"
+    );
+    assert_eq!(std::fs::read(out_dir.join("alice-phone.key")).unwrap(), key);
+
+    let unknown = quipd(&[
+        "certs",
+        "client",
+        "nobody",
+        "--device",
+        "x",
+        "--out",
+        s(&out_dir),
+        "--data",
+        s(&data),
+    ]);
+    assert!(!unknown.status.success());
+    assert!(
+        !out_dir.join("nobody-x.pem").exists() && !out_dir.join("nobody-x.key").exists(),
+        "files of a certificate that was not registered were left"
+    );
+
+    let restored = dir.path().join("restored");
+    let missing = dir.path().join("no.backup");
+    let out = quipd(&["restore", "--from", s(&missing), "--data", s(&restored)]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(s(&missing)), "{}", stderr(&out));
+    assert!(
+        !restored.exists(),
+        "a failed restore left {}",
+        restored.display()
     );
 }

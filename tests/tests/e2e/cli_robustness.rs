@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use quip_tests::{within_for, Binaries, CliOutput, DaemonProcess, Quip, STEP};
+use quip_tests::{within, within_for, Binaries, CliOutput, DaemonProcess, Quip, STEP};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// A daemon, alice's `quip`, and a conversation of alice's (seq 1 is its creation).
@@ -528,4 +528,43 @@ async fn state_files_are_private_and_bad_ones_are_errors_with_the_fix() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
     assert!(seqs(&alice.run(&["send", &conv, "y"]).await) == [3]);
+}
+
+/// Ctrl-C is how `quip tail` is stopped: it exits 130 and closes its connection, so the
+/// daemon ends the session at once rather than at its idle timeout (10 s and more), and the
+/// user's presence starts its grace period from the moment they left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_ends_quip_tail_and_its_session_at_once() {
+    let daemon = DaemonProcess::start().await;
+    let (alice, conv) = alice_with_a_conversation(&daemon).await;
+    let count = |what: &str| daemon.log().matches(what).count();
+    let poll_until = |what: &'static str, n: usize| async move {
+        while count(what) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (connected, disconnected) = (count(": connected"), count(": disconnected"));
+
+    let tail = alice.spawn(&["tail", &conv]);
+    within(
+        "quip tail connects",
+        poll_until(": connected", connected + 1),
+    )
+    .await;
+    let pid = rustix::process::Pid::from_raw(tail.id().expect("a pid") as i32).expect("a pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let interrupted = Instant::now();
+    let out = Quip::finish(tail, "quip tail after Ctrl-C").await;
+    assert_eq!(out.code(), Some(130), "stderr: {}", out.stderr);
+    within_for(
+        Duration::from_secs(5),
+        "the daemon ends the session of an interrupted tail",
+        poll_until(": disconnected", disconnected + 1),
+    )
+    .await;
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(5),
+        "the session outlived Ctrl-C by {:?}",
+        interrupted.elapsed()
+    );
 }
