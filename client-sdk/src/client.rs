@@ -1313,7 +1313,12 @@ async fn resolve(config: &ClientConfig) -> Result<std::net::SocketAddr, ClientEr
     };
     tokio::net::lookup_host(&config.server)
         .await
-        .map_err(|e| connect_error(e.to_string()))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => {
+                connect_error(format!("{e}: expected HOST:PORT, such as 127.0.0.1:4433"))
+            }
+            _ => connect_error(e.to_string()),
+        })?
         .next()
         .ok_or_else(|| connect_error("the name has no address".into()))
 }

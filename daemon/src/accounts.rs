@@ -35,7 +35,7 @@ pub enum AccountError {
     NoSuchUser(UserName),
     #[error("invalid device label: {0}")]
     InvalidLabel(String),
-    #[error("no token or certificate has the id {0:?} (see `quipd token list`)")]
+    #[error("no token or certificate has the id {0:?}: it was never issued, or is already revoked (see `quipd token list`)")]
     NoSuchCredential(String),
     #[error("this certificate is already registered as {0}")]
     CertificateExists(String),

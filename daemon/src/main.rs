@@ -363,7 +363,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     closed,
                     conversations,
                 } => outln!(
-                    "removed {user}: {credentials} credentials revoked, {closed} connections closed, left {conversations} conversations"
+                    "removed {user}: {} revoked, {} closed, left {}",
+                    counted(credentials, "credential"),
+                    counted(closed, "connection"),
+                    counted(conversations, "conversation")
                 )?,
                 AdminResponse::UsersAdded { users } => {
                     let lines: String = users
@@ -553,7 +556,10 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             user,
             device,
             closed,
-        } => outln!("revoked {id} ({user}, device {device:?}); closed {closed} connections")?,
+        } => outln!(
+            "revoked {id} ({user}, device {device:?}); closed {}",
+            counted(closed, "connection")
+        )?,
         AdminResponse::Error { message } => anyhow::bail!(message),
         other => anyhow::bail!("unexpected answer {other:?}"),
     }
@@ -719,6 +725,14 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// "1 connection", "2 connections".
+fn counted(n: impl std::fmt::Display, noun: &str) -> String {
+    match n.to_string().as_str() {
+        "1" => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
     }
 }
 

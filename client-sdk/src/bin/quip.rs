@@ -269,14 +269,16 @@ fn init_logging() {
 }
 
 async fn connect(conn: &Connection) -> Result<Client, ClientError> {
+    let with_ca = |token: &str| {
+        ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, token).map_err(|e| {
+            ClientError::Config(format!(
+                "{e} (--ca or QUIP_CA names the daemon's DATA/certs/ca.pem)"
+            ))
+        })
+    };
     let mut config = match (&conn.cert, &conn.key, &conn.token) {
-        (Some(cert), Some(key), _) => {
-            ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, "")?
-                .with_client_certificate(cert, key)?
-        }
-        (_, _, Some(token)) => {
-            ClientConfig::from_ca_file(conn.server.clone(), &conn.ca, token.clone())?
-        }
+        (Some(cert), Some(key), _) => with_ca("")?.with_client_certificate(cert, key)?,
+        (_, _, Some(token)) => with_ca(token)?,
         _ => return Err(ClientError::Config(
             "no token: pass --token or set QUIP_TOKEN (see `quipd user add`), or --cert and --key"
                 .into(),
@@ -285,7 +287,19 @@ async fn connect(conn: &Connection) -> Result<Client, ClientError> {
     config.state_file = conn.state.clone();
     config.give_up_after = Some(Duration::from_secs(conn.give_up_after));
     config.idle_timeout = IDLE_TIMEOUT;
-    Client::connect(config).await
+    Client::connect(config).await.map_err(|e| match e {
+        ClientError::Connect { server, reason } if reason.contains("UnknownIssuer") => {
+            ClientError::Connect {
+                server,
+                reason: format!(
+                    "{reason} (the server's certificate is not signed by the CA in {}; \
+                     --ca or QUIP_CA names the daemon's DATA/certs/ca.pem)",
+                    conn.ca.display()
+                ),
+            }
+        }
+        other => other,
+    })
 }
 
 /// The exit status of a command stopped by Ctrl-C, as shells report SIGINT.
@@ -468,6 +482,12 @@ async fn command(client: &Client, command: Command) -> Result<(), ClientError> {
         } => send_lines(client, conv, &mut stdout).await?,
         Command::Read { conv, seq } => {
             let receipt = client.mark_read(conv, Seq(seq)).await?;
+            if receipt.read > Seq(seq) {
+                eprintln!(
+                    "quip: the read cursor is already at {}; it only moves forward",
+                    receipt.read
+                );
+            }
             out(
                 &mut stdout,
                 format_args!("read={} delivered={}", receipt.read, receipt.delivered),
@@ -1069,8 +1089,9 @@ fn print_event(
     }
     let (seq, who) = (event.seq, Shown(event.sender.as_str()));
     // How a message looks now: "(deleted)", or its text, "(edited)", its reactions.
+    // A replayed event of a deleted message has an empty text (no message is sent empty).
     let decorate = |text: &str| -> String {
-        if state.is_some_and(|s| s.deleted.is_some()) {
+        if text.is_empty() || state.is_some_and(|s| s.deleted.is_some()) {
             return "(deleted)".into();
         }
         let mut shown = Shown(&current(text)).to_string();
@@ -1098,6 +1119,10 @@ fn print_event(
         EventBody::Reply { text, reply_to, .. } => out(
             stdout,
             format_args!("{seq} {who} (reply to {reply_to}): {}", decorate(text)),
+        ),
+        EventBody::Edited { target, text, .. } if text.is_empty() => out(
+            stdout,
+            format_args!("{seq} * {who} edited {target}: (deleted)"),
         ),
         EventBody::Edited { target, text, .. } => out(
             stdout,

@@ -162,6 +162,17 @@ pub(super) struct Start {
     pub floor: Seq,
 }
 
+/// Whether `event` is something its sender did in the conversation and stays a member after:
+/// an action (13.1), creating it, adding a member, or removing another one. A member who
+/// leaves has no cursors to move.
+fn authored_by_a_member(event: &Event) -> bool {
+    match &event.body {
+        EventBody::Created { .. } | EventBody::MemberAdded { .. } => true,
+        EventBody::MemberRemoved { user } => *user != event.sender,
+        body => body.client_id().is_some(),
+    }
+}
+
 pub(super) fn spawn(start: Start) {
     let Start {
         sequencer,
@@ -520,7 +531,7 @@ impl ConversationActor {
         writes.extend(append.writes);
         let event = append.event;
         // Writing in a conversation reads it: the author's own event moves its cursors.
-        if event.body.client_id().is_some() {
+        if authored_by_a_member(&event) {
             let (record, changed) = self
                 .receipts
                 .advance_own(&event.sender, event.seq, event.seq);

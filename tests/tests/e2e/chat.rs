@@ -83,6 +83,9 @@ async fn two_devices_of_one_user_get_everything_keep_their_own_cursors_and_share
         .create_conversation("lunch", &[user("bob")])
         .await
         .expect("create");
+    // Creating reads too: the creator has nothing unread, the invited member has Created.
+    assert_eq!(unread(&laptop, conv).await, 0);
+    assert_eq!(unread(&bob, conv).await, 1);
     let mut on_phone = phone
         .subscribe(conv, StartAt::Beginning)
         .await

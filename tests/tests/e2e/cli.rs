@@ -336,4 +336,32 @@ async fn cli_ticks_edits_reactions_replies_and_unread_counts() {
         "{}",
         text.stdout
     );
+    // A tail that replays the deleted message shows it as deleted, not as an empty line.
+    let replayed = bob
+        .run(&[
+            "tail",
+            &conv,
+            "--after",
+            "0",
+            "--count",
+            &deleted.to_string(),
+        ])
+        .await;
+    replayed.expect_success("bob's tail from the start");
+    assert!(
+        replayed
+            .stdout_lines()
+            .contains(&format!("{second} alice: (deleted)").as_str()),
+        "{}",
+        replayed.stdout
+    );
+
+    // A read behind the cursor changes nothing, and says so.
+    let behind = bob.run(&["read", &conv, "1"]).await;
+    behind.expect_success("quip read behind the cursor");
+    assert!(
+        behind.stderr.contains("only moves forward"),
+        "{}",
+        behind.stderr
+    );
 }

@@ -568,3 +568,41 @@ async fn ctrl_c_ends_quip_tail_and_its_session_at_once() {
         interrupted.elapsed()
     );
 }
+
+/// The mistakes of a first connection say what to fix: a CA file that is not there, an
+/// address without a port, and a CA that did not sign the server's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_mistakes_name_the_fix() {
+    let daemon = DaemonProcess::start().await;
+    let token = daemon.add_user("alice").await;
+    let addr = daemon.addr().to_string();
+    let ca = daemon.ca_path();
+    let ca = ca.to_str().expect("a UTF-8 path");
+    let elsewhere = tempfile::tempdir().expect("a temporary directory");
+    let other_ca = elsewhere.path().join("ca.pem");
+    let made = quipd(&[
+        "certs",
+        "init",
+        "--hostname",
+        "localhost",
+        "--dir",
+        elsewhere.path().to_str().expect("a UTF-8 path"),
+    ])
+    .await;
+    made.expect_success("quipd certs init");
+    let other_ca = other_ca.to_str().expect("a UTF-8 path");
+    for (server, ca, expected) in [
+        (addr.as_str(), "/nonexistent/ca.pem", "QUIP_CA"),
+        ("127.0.0.1", ca, "expected HOST:PORT"),
+        (addr.as_str(), other_ca, "not signed by the CA in"),
+    ] {
+        let quip = Quip::new(server, ca, Some(&token)).await;
+        let out = quip.run(&["conv", "list"]).await;
+        assert_eq!(out.code(), Some(1), "{server} {ca}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(expected) && out.stderr.lines().count() == 1,
+            "{server} {ca}: {}",
+            out.stderr
+        );
+    }
+}

@@ -81,7 +81,7 @@ async fn token_commands_work_without_a_daemon() {
     );
     ok(&data, &["user", "add", "carol"]).await;
     let removed = ok(&data, &["user", "remove", "carol"]).await;
-    assert!(removed.contains("1 credentials revoked"), "{removed}");
+    assert!(removed.contains("1 credential revoked"), "{removed}");
     assert_eq!(ok(&data, &["user", "list"]).await.trim(), "alice");
 }
 
@@ -111,7 +111,7 @@ async fn device_commands_against_a_running_daemon() {
     let listing = ok(&data, &["token", "list", "bob"]).await;
     let laptop_id = id_of(&listing, "laptop");
     let revoked = ok(&data, &["token", "revoke", &laptop_id]).await;
-    assert!(revoked.contains("closed 1 connections"), "{revoked}");
+    assert!(revoked.contains("closed 1 connection\n"), "{revoked}");
     let refused = within(
         "a request after the revocation",
         laptop_client.conversations(),
@@ -167,7 +167,7 @@ async fn device_commands_against_a_running_daemon() {
 
     let removed = ok(&data, &["user", "remove", "bob"]).await;
     assert!(removed.contains("2 credentials revoked"), "{removed}");
-    assert!(removed.contains("left 1 conversations"), "{removed}");
+    assert!(removed.contains("left 1 conversation\n"), "{removed}");
     let listed = alice_client.conversations().await.expect("list");
     assert_eq!(listed[0].members, ["alice".parse().expect("name")]);
     let again = quipd(&data, &["user", "add", "bob"]).await;
