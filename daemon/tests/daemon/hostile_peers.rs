@@ -158,3 +158,88 @@ async fn wrong_alpn_and_random_datagrams_do_not_disturb_the_daemon() {
     daemon.still_serves(&alice).await;
     daemon.stop().await;
 }
+
+/// The daemon's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that asks for a lot and reads nothing (its QUIC receive windows stay shut) costs
+/// the daemon little memory: what it is owed waits as requests, not as encoded answers. Each
+/// History page here is about a MiB; before answers were counted in bytes, 1024 requests made
+/// one connection hold a quarter of a GiB.
+#[tokio::test]
+async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
+    use crate::harness::process::{add_user, config_file, Quipd};
+    use crate::harness::quic;
+    use quip_protocol::{ConversationId, REVISION};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = config_file(dir.path(), &data, "");
+    let daemon = Quipd::start(&config, &data, &[], &[]);
+    let token = add_user(&data, "alice");
+    let client = daemon.connect(&token).await;
+    let conv: ConversationId = client.create_conversation("big", &[]).await.unwrap();
+    let text = "x".repeat(64 * 1024);
+    for _ in 0..20 {
+        client.send(conv, text.clone()).await.unwrap();
+    }
+    let pid = daemon.child.0.id();
+    let before = rss_kib(pid);
+
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(1024u32.into());
+    transport.receive_window(2048u32.into());
+    let tls = quic::tls_config(&data.join("certs/ca.pem"), quip_protocol::ALPN, None);
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    config.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(config, daemon.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _unread) = conn.open_bi().await.unwrap();
+    let mut bytes = frame(&ClientFrame::Hello {
+        token: token.clone(),
+        client: "reads nothing".into(),
+        revision: REVISION,
+    });
+    for id in 1..=1024 {
+        bytes.extend(frame(&ClientFrame::Request {
+            id: RequestId(id),
+            request: Request::History {
+                conv,
+                before: None,
+                limit: 1000,
+            },
+        }));
+    }
+    send.write_all(&bytes).await.unwrap();
+
+    // Watch the daemon while it serves what it can.
+    let mut peak = before;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(pid));
+    }
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    println!("a client that reads nothing: the daemon grew by {grown_mib} MiB");
+    assert!(
+        grown_mib < 48,
+        "the daemon grew by {grown_mib} MiB ({before} KiB before, {peak} KiB at the peak)"
+    );
+    // Others are still served.
+    let sent = client.send(conv, "still here").await.unwrap();
+    assert_eq!(sent.seq.0, 22);
+    conn.close(0u32.into(), b"");
+}

@@ -3,12 +3,11 @@
 //! and the systemd unit.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -18,106 +17,7 @@ use quip_client::{
 };
 use quipd::store::{Store, StoreConfig};
 
-use crate::harness::process::{self, add_user, quipd, QUIPD, WAIT};
-
-/// A `quipd serve --config FILE` with JSON logs, which tell its address and what it did.
-struct Quipd {
-    child: process::Child,
-    addr: SocketAddr,
-    data: PathBuf,
-    /// Every log line after the ready line.
-    logs: mpsc::Receiver<String>,
-}
-
-impl Quipd {
-    /// Starts `quipd serve --config FILE` with `args`; returns once it logged that it is ready.
-    fn start(config: &Path, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Quipd {
-        let mut command = process::command(&["serve", "--config"]);
-        command
-            .arg(config)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = process::Child::spawn(&mut command);
-        let stderr = child.0.stderr.take().unwrap();
-        let (lines, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + WAIT;
-        let addr = loop {
-            let line = logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("quipd did not get ready: {:?}", child.0.try_wait()));
-            let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
-                panic!("not a JSON log line: {line}");
-            };
-            if json["fields"]["message"] == "quipd ready" {
-                break json["fields"]["listen"].as_str().unwrap().parse().unwrap();
-            }
-        };
-        Quipd {
-            child,
-            addr,
-            data: data.to_owned(),
-            logs,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        self.child.signal(name);
-    }
-
-    /// Sends SIGTERM and returns the exit status and how long the exit took.
-    fn terminate(self) -> (ExitStatus, Duration) {
-        self.child.terminate()
-    }
-
-    /// Waits for a log line containing `text`.
-    fn wait_for_log(&self, text: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let line = self
-                .logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("no log line with {text:?}"));
-            if line.contains(text) {
-                return line;
-            }
-        }
-    }
-
-    fn client_config(&self, token: &str) -> ClientConfig {
-        ClientConfig::from_ca_file(self.addr.to_string(), self.data.join("certs/ca.pem"), token)
-            .unwrap()
-    }
-
-    async fn connect(&self, token: &str) -> Client {
-        tokio::time::timeout(WAIT, Client::connect(self.client_config(token)))
-            .await
-            .expect("connect timed out")
-            .expect("connect")
-    }
-}
-
-/// Writes a configuration file for a test daemon: JSON logs, loopback, an OS-chosen port.
-fn config_file(dir: &Path, data: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("quipd.toml");
-    let text = format!(
-        "data_dir = {data:?}\nlisten = \"127.0.0.1:0\"\ncache_mb = 16\n{extra}\n[log]\nformat = \"json\"\nfilter = \"info\"\n",
-        data = data.display().to_string()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use crate::harness::process::{add_user, config_file, quipd, Quipd, QUIPD, WAIT};
 
 /// An acknowledged send.
 #[derive(Debug, Clone, PartialEq, Eq)]
