@@ -134,7 +134,8 @@ enum Ended {
 
 impl Delivery {
     /// Runs until the client unsubscribes (`stop`), the user is removed, or the stream fails.
-    pub async fn run(self, conn: quinn::Connection, stop: oneshot::Receiver<()>) {
+    pub async fn run(self, conn: quinn::Connection, mut stop: oneshot::Receiver<()>) {
+        let _running = crate::metrics::GaugeGuard::new(crate::metrics::DELIVERIES);
         let conv = self.conv;
         let Subscription {
             live,
@@ -142,12 +143,16 @@ impl Delivery {
             receipts,
             ..
         } = self.subscription;
-        let stream = match conn.open_uni().await {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::debug!(conv = conv.0, error = %e, "could not open a delivery stream");
-                return;
-            }
+        let stream = tokio::select! {
+            opened = conn.open_uni() => match opened {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(conv = conv.0, error = %e, "could not open a delivery stream");
+                    return;
+                }
+            },
+            // Unsubscribed while the client allowed no new stream: nothing to end.
+            _ = &mut stop => return,
         };
         let mut cursor = Cursor {
             stream,

@@ -18,6 +18,7 @@ pub const CONNECTIONS_ACCEPTED: &str = "quipd_connections_accepted_total";
 pub const CONNECTIONS_REFUSED: &str = "quipd_connections_refused_total";
 pub const CONNECTIONS_RETRIED: &str = "quipd_connections_retried_total";
 pub const SESSIONS: &str = "quipd_sessions";
+pub const DELIVERIES: &str = "quipd_deliveries";
 pub const CONVERSATIONS_ACTIVE: &str = "quipd_conversations_active";
 pub const MESSAGES_APPENDED: &str = "quipd_messages_appended_total";
 pub const STORE_FLUSHES: &str = "quipd_store_flushes_total";
@@ -81,6 +82,10 @@ fn describe() {
         "Connections asked to validate their address first (QUIC Retry)."
     );
     describe_gauge!(SESSIONS, "Authenticated sessions.");
+    describe_gauge!(
+        DELIVERIES,
+        "Subscriptions being delivered, those waiting for the client to allow a stream included."
+    );
     describe_gauge!(CONVERSATIONS_ACTIVE, "Conversation sequencers running.");
     describe_counter!(
         MESSAGES_APPENDED,
@@ -143,6 +148,7 @@ fn describe() {
     );
     gauge!(CONNECTIONS).set(0.0);
     gauge!(SESSIONS).set(0.0);
+    gauge!(DELIVERIES).set(0.0);
     gauge!(CONVERSATIONS_ACTIVE).set(0.0);
     for name in [
         CONNECTIONS_ACCEPTED,

@@ -323,6 +323,7 @@ async fn the_metrics_endpoint_counts_what_happened() {
     for name in [
         "quipd_connections",
         "quipd_sessions",
+        "quipd_deliveries",
         "quipd_conversations_active",
         "quipd_messages_appended_total",
         "quipd_delivery_lagged_total",
@@ -911,4 +912,103 @@ fn the_systemd_unit_verifies_and_is_hardened() {
             );
         }
     }
+}
+
+/// A client may allow the server no new stream (QUIC stream credit); its subscriptions then
+/// wait. Unsubscribing ends such a waiting delivery: churning subscriptions without ever
+/// allowing a stream leaves nothing behind (`quipd_deliveries` is the live count).
+#[tokio::test]
+async fn unsubscribing_ends_a_delivery_still_waiting_for_a_stream() {
+    use quip_protocol::limits::MAX_FRAME_LEN;
+    use quip_protocol::{
+        encode_frame, ClientFrame, FrameDecoder, Request, RequestId, ServerFrame, ALPN, REVISION,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let config = config_file(
+        dir.path(),
+        &data,
+        &format!("[metrics]\nlisten = \"{metrics_addr}\"\n"),
+    );
+    let daemon = Quipd::start(&config, &data, &[], &[]);
+    let token = add_user(&data, "alice");
+    let alice = daemon.connect(&token).await;
+    let conv = alice.create_conversation("churn", &[]).await.unwrap();
+
+    // A raw connection that allows the server no unidirectional stream.
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_uni_streams(0u32.into());
+    let tls = crate::harness::quic::tls_config(&data.join("certs/ca.pem"), ALPN, None);
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    client.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(client, daemon.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    const PAIRS: u64 = 500;
+    let frame = |frame: &ClientFrame| encode_frame(frame, MAX_FRAME_LEN).unwrap();
+    let mut bytes = frame(&ClientFrame::Hello {
+        token,
+        client: "allows no stream".into(),
+        revision: REVISION,
+    });
+    for n in 0..PAIRS {
+        for (id, request) in [
+            (
+                2 * n + 1,
+                Request::Subscribe {
+                    conv,
+                    start: StartAt::Beginning,
+                },
+            ),
+            (2 * n + 2, Request::Unsubscribe { conv }),
+        ] {
+            bytes.extend(frame(&ClientFrame::Request {
+                id: RequestId(id),
+                request,
+            }));
+        }
+    }
+    send.write_all(&bytes).await.unwrap();
+
+    // Every request is answered, then the subscriptions are all gone.
+    let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut answered = 0;
+    while answered < 2 * PAIRS {
+        let chunk = tokio::time::timeout(WAIT, recv.read_chunk(64 * 1024, true))
+            .await
+            .expect("answers")
+            .unwrap()
+            .expect("the control stream stays open");
+        decoder.push(&chunk.bytes);
+        while let Some(frame) = decoder.next_frame::<ServerFrame>().unwrap() {
+            match frame {
+                ServerFrame::Reply { .. } => answered += 1,
+                ServerFrame::Error { error, .. } => panic!("refused: {error:?}"),
+                _ => {}
+            }
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    let mut running = f64::NAN;
+    while Instant::now() < deadline {
+        running = scrape(metrics_addr).await["quipd_deliveries"];
+        if running == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running, 0.0, "deliveries left after {PAIRS} unsubscribes");
+
+    // Its own subscription (the SDK's) is counted while it runs.
+    let _feed = alice.subscribe(conv, StartAt::Beginning).await.unwrap();
+    assert_eq!(scrape(metrics_addr).await["quipd_deliveries"], 1.0);
+    conn.close(0u32.into(), b"");
 }
