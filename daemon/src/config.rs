@@ -589,6 +589,17 @@ impl ConfigFile {
                 format!("must be between 1 and {max_text}"),
             ));
         }
+        let needed = frame_len_for_messages(limits.max_message_len);
+        if limits.max_frame_len < needed {
+            return Err(invalid(
+                "limits.max_frame_len",
+                format!(
+                    "must be at least {needed} with limits.max_message_len = {}: a message, its \
+                     latest edit and its reactions must fit in one answer",
+                    limits.max_message_len
+                ),
+            ));
+        }
         for (key, value) in [
             ("limits.max_connections", limits.max_connections),
             ("limits.max_members", limits.max_members),
@@ -695,6 +706,14 @@ impl ConfigFile {
 /// Every setting as `quipd check-config` prints it: each key of the file with the value the
 /// daemon runs with (the file's, the default or the command line's, in the file's units), and
 /// the paths it derives (`store_dir`, the resolved `tls.*` files).
+/// The smallest frame that carries any one event of messages up to `max_message_len` bytes,
+/// with what a history page adds to it: the message, the text of its latest edit, and its
+/// reactions (at most 256 of up to 32-byte emoji and 32-byte names).
+fn frame_len_for_messages(max_message_len: u32) -> u32 {
+    const REACTIONS_AND_FIELDS: u32 = 32 * 1024;
+    2 * max_message_len + REACTIONS_AND_FIELDS
+}
+
 pub fn settings(file: &ConfigFile, config: &ServerConfig) -> Vec<(String, String)> {
     let ms = |d: Duration| d.as_millis().to_string();
     let limits = &config.limits;
@@ -1072,6 +1091,16 @@ mod tests {
             error_key("[limits]\nmax_frame_len = 100000000\n"),
             "limits.max_frame_len"
         );
+        // A frame must hold the largest message with its edit and reactions.
+        assert_eq!(
+            error_key("[limits]\nmax_frame_len = 1024\n"),
+            "limits.max_frame_len"
+        );
+        assert_eq!(
+            error_key("[limits]\nmax_message_len = 1000\nmax_frame_len = 34767\n"),
+            "limits.max_frame_len"
+        );
+        assert!(server_config("[limits]\nmax_message_len = 1000\nmax_frame_len = 34768\n").is_ok());
         assert_eq!(error_key("[log]\nfilter = \"info,[\"\n"), "log.filter");
         assert_eq!(
             error_key("[limits]\nmax_message_len = 65537\n"),

@@ -353,7 +353,17 @@ impl Cursor {
             },
             None => {
                 let event = for_revision(event, self.revision);
-                push_frame(&mut self.out, &EventFrame(&event), self.max_frame_len);
+                let at = self.out.len();
+                if let Err(e) =
+                    encode_frame_into(&EventFrame(&event), &mut self.out, self.max_frame_len)
+                {
+                    self.out.truncate(at);
+                    return Err(StoreError::Corrupt(format!(
+                        "conversation {}: seq {} cannot be encoded: {e}",
+                        self.conv, event.seq
+                    ))
+                    .into());
+                }
             }
         }
         self.at = event.seq;

@@ -617,7 +617,7 @@ impl Session {
                     let events = store
                         .events_before(conv, before, limit as usize)
                         .map_err(store_error)?;
-                    let events = newest_that_fit(events, max_frame_len)
+                    let events = newest_that_fit(events, max_frame_len)?
                         .into_iter()
                         .map(|e| e.for_revision(revision))
                         .collect();
@@ -647,7 +647,7 @@ impl Session {
                             .map_err(store_error)?
                     };
                     let states = message_states(&store, conv, &events).map_err(store_error)?;
-                    let (events, states) = page_that_fits(events, states, max_frame_len);
+                    let (events, states) = page_that_fits(events, states, max_frame_len)?;
                     Ok(Response::Page {
                         conv,
                         events,
@@ -926,7 +926,7 @@ fn push_server_frame(buf: &mut Vec<u8>, frame: ServerFrame, max_frame_len: u32) 
 
 /// The newest events of a history page that fit in one frame: a page of large messages comes
 /// back shorter than asked, and the client pages on from its first seq.
-fn newest_that_fit(mut events: Vec<Event>, max_frame_len: u32) -> Vec<Event> {
+fn newest_that_fit(mut events: Vec<Event>, max_frame_len: u32) -> Result<Vec<Event>, ErrorBody> {
     // What the reply needs besides the events: frame variant, request id, conv, head, count.
     const REPLY_OVERHEAD: usize = 64;
     let budget = (max_frame_len as usize).saturating_sub(REPLY_OVERHEAD);
@@ -939,8 +939,20 @@ fn newest_that_fit(mut events: Vec<Event>, max_frame_len: u32) -> Vec<Event> {
         }
         keep += 1;
     }
+    if keep == 0 && !events.is_empty() {
+        return Err(newest_does_not_fit());
+    }
     events.drain(..events.len() - keep);
-    events
+    Ok(events)
+}
+
+/// A page that would be empty though there are events is never answered as empty: an empty
+/// page tells the client it reached the first one.
+fn newest_does_not_fit() -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::LIMIT_EXCEEDED,
+        "the newest event of the page does not fit in one frame (limits.max_frame_len)",
+    )
 }
 
 /// The views of every conversation of `user`, in ascending id order. A removal may race the
@@ -1040,7 +1052,7 @@ fn page_that_fits(
     mut events: Vec<Event>,
     mut states: Vec<MessageState>,
     max_frame_len: u32,
-) -> (Vec<Event>, Vec<MessageState>) {
+) -> Result<(Vec<Event>, Vec<MessageState>), ErrorBody> {
     // What the reply needs besides events and states: variant, ids, head, oldest, counts.
     const REPLY_OVERHEAD: usize = 96;
     let budget = (max_frame_len as usize).saturating_sub(REPLY_OVERHEAD);
@@ -1060,10 +1072,13 @@ fn page_that_fits(
         }
         keep += 1;
     }
+    if keep == 0 && !events.is_empty() {
+        return Err(newest_does_not_fit());
+    }
     events.drain(..events.len() - keep);
     let first = events.first().map(|e| e.seq);
     states.retain(|s| first.is_some_and(|first| s.seq >= first));
-    (events, states)
+    Ok((events, states))
 }
 
 /// Resolves once the server starts shutting down.

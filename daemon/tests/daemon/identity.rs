@@ -693,3 +693,50 @@ async fn client_stream_counts_are_enforced_by_flow_control() {
     ));
     daemon.stop().await;
 }
+
+/// A daemon whose frames are barely larger than its messages (a configuration `check-config`
+/// refuses, set here directly) still never skips: an event that does not fit a frame ends the
+/// delivery with an error, and a history page that could not hold its newest event is
+/// `LIMIT_EXCEEDED`, never an empty page (which would read as "no earlier events").
+#[tokio::test]
+async fn an_event_larger_than_a_frame_is_never_skipped_or_hidden() {
+    let daemon = start(|config| {
+        config.limits.max_message_len = 4096;
+        config.limits.max_frame_len = 4096;
+    })
+    .await;
+    let long_name = "h".repeat(32);
+    let token = daemon.user(&long_name).await;
+    let client = daemon.client(&token).await;
+    let conv = client.create_conversation("edge", &[]).await.unwrap();
+    // A text whose Send fits a frame (about 35 bytes besides the text) while its stored
+    // event, with the 32-byte sender and the server's time, does not (about 60).
+    let sent = client.send(conv, "x".repeat(4040)).await.unwrap().seq;
+    client.send(conv, "after").await.unwrap();
+
+    // The newest page holds what fits after the large event; the page before it cannot.
+    let (page, _) = client.history(conv, None, 10).await.unwrap();
+    let seqs: Vec<u64> = page.iter().map(|e| e.seq.0).collect();
+    assert_eq!(seqs, [sent.0 + 1]);
+    let older = client.history(conv, Some(sent.next()), 10).await;
+    assert_eq!(
+        error_code(older),
+        Some(ErrorCode::LIMIT_EXCEEDED),
+        "a page whose newest event does not fit"
+    );
+
+    let mut feed = client.subscribe(conv, StartAt::Beginning).await.unwrap();
+    let mut seen = Vec::new();
+    let ended = loop {
+        match tokio::time::timeout(WAIT, feed.next())
+            .await
+            .expect("an event or the end")
+        {
+            Some(Ok(event)) => seen.push(event.seq.0),
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+    };
+    assert_eq!(seen, [1], "delivered {seen:?}, then {ended:?}");
+    daemon.stop().await;
+}
