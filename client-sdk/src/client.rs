@@ -1332,6 +1332,15 @@ async fn establish(
         server: config.server.clone(),
         reason,
     };
+    // No server takes a longer token (and a Hello has at most MAX_HELLO_LEN bytes): say so
+    // here rather than in a refusal about frame sizes.
+    if config.token.len() > limits::MAX_TOKEN_LEN {
+        return Err(ClientError::Config(format!(
+            "the token is {} bytes long; a quip token has at most {}",
+            config.token.len(),
+            limits::MAX_TOKEN_LEN
+        )));
+    }
     let addr = resolve(config).await?;
     let connecting = endpoint
         .connect(addr, config.host())
@@ -1344,8 +1353,8 @@ async fn establish(
             client: config.client_name.clone(),
             revision: quip_protocol::REVISION,
         };
-        let bytes = encode_frame(&hello, limits::MAX_FRAME_LEN)
-            .map_err(|e| ClientError::Config(format!("token too long: {e}")))?;
+        let bytes = encode_frame(&hello, limits::MAX_HELLO_LEN)
+            .map_err(|e| ClientError::Config(format!("Hello too long: {e}")))?;
         send.write_all(&bytes)
             .await
             .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;

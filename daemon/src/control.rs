@@ -8,7 +8,7 @@
 //! same way, with arbitrary bytes.
 
 use quip_protocol::{
-    ClientFrame, ErrorBody, ErrorCode, FrameDecoder, FrameError, Request, RequestId,
+    limits, ClientFrame, ErrorBody, ErrorCode, FrameDecoder, FrameError, Request, RequestId,
 };
 
 /// What the next bytes of the control stream mean.
@@ -43,15 +43,18 @@ pub struct ControlStream {
     decoder: FrameDecoder,
     phase: Phase,
     finished: bool,
+    max_frame_len: u32,
     max_message_len: usize,
 }
 
 impl ControlStream {
     pub fn new(max_frame_len: u32, max_message_len: usize) -> Self {
         ControlStream {
-            decoder: FrameDecoder::new(max_frame_len),
+            // Until Hello, the peer is nobody: its frame may be no larger than a Hello needs.
+            decoder: FrameDecoder::new(max_frame_len.min(limits::MAX_HELLO_LEN)),
             phase: Phase::AwaitingHello,
             finished: false,
+            max_frame_len,
             max_message_len,
         }
     }
@@ -114,6 +117,7 @@ impl ControlStream {
                     ));
                 }
                 self.phase = Phase::Open;
+                self.decoder.set_max_len(self.max_frame_len);
                 Step::Hello {
                     token,
                     client,
@@ -195,6 +199,30 @@ mod tests {
             Some(Step::Close(e)) | Some(Step::Refused { error: e, .. }) => e.code,
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    /// Before Hello the peer is unknown: a first frame larger than a Hello needs is refused
+    /// from its length prefix alone; after Hello, frames up to the configured limit are read.
+    #[test]
+    fn the_first_frame_is_limited_to_a_hello_and_later_ones_to_the_frame_limit() {
+        let mut control = ControlStream::new(limits::MAX_FRAME_LEN, limits::MAX_TEXT_LEN);
+        control.push(&(limits::MAX_HELLO_LEN + 1).to_be_bytes());
+        assert_eq!(code(control.poll_step()), ErrorCode::FRAME_TOO_LARGE);
+
+        let mut control = ControlStream::new(limits::MAX_FRAME_LEN, limits::MAX_TEXT_LEN);
+        let big = ClientFrame::Hello {
+            token: "quip_x".into(),
+            client: "c".repeat(limits::MAX_HELLO_LEN as usize),
+            revision: 1,
+        };
+        control.push(&bytes(&big));
+        assert_eq!(code(control.poll_step()), ErrorCode::FRAME_TOO_LARGE);
+
+        let mut control = ControlStream::new(limits::MAX_FRAME_LEN, limits::MAX_TEXT_LEN);
+        control.push(&bytes(&hello()));
+        control.push(&bytes(&send(1, &"x".repeat(limits::MAX_TEXT_LEN))));
+        assert!(matches!(control.poll_step(), Some(Step::Hello { .. })));
+        assert!(matches!(control.poll_step(), Some(Step::Request { .. })));
     }
 
     #[test]

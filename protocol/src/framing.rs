@@ -123,6 +123,12 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the largest frame body accepted from the next frame on (a stream whose first
+    /// frame has a tighter limit than the rest).
+    pub fn set_max_len(&mut self, max_len: u32) {
+        self.max_len = max_len;
+    }
+
     /// Appends bytes read from the stream.
     pub fn push(&mut self, chunk: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {

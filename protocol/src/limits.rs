@@ -19,6 +19,9 @@ pub const MAX_REACTIONS_PER_MESSAGE: usize = 256;
 pub const MAX_TOKEN_LEN: usize = 256;
 /// Longest client description in `Hello`; a longer one is cut, not refused.
 pub const MAX_CLIENT_NAME_LEN: usize = 128;
+/// Largest body of the `Hello` frame (`FRAME_TOO_LARGE`, connection closed). A valid `Hello`
+/// needs under 400 bytes; before it, a peer is nobody, and may not make the server buffer more.
+pub const MAX_HELLO_LEN: u32 = 4096;
 
 /// Largest DATAGRAM payload either side sends or reads, in bytes. A longer one is dropped
 /// unread. Every datagram this version defines fits in well under this, and this in turn fits

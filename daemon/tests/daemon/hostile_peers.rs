@@ -48,6 +48,18 @@ async fn four_gib_length_prefix_closes_with_frame_too_large() {
     daemon.stop().await;
 }
 
+/// Before it is authenticated a peer can make the daemon buffer no more than a Hello needs:
+/// a first frame over 4 KiB closes the connection at its length prefix.
+#[tokio::test]
+async fn a_first_frame_larger_than_a_hello_closes_with_frame_too_large() {
+    let (daemon, alice) = start().await;
+    let prefix = (quip_protocol::limits::MAX_HELLO_LEN + 1).to_be_bytes();
+    let closed = daemon.close_code_after(&prefix).await;
+    assert_eq!(closed, code(ErrorCode::FRAME_TOO_LARGE));
+    daemon.still_serves(&alice).await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn malformed_frames_close_with_protocol_violation() {
     let (daemon, alice) = start().await;
@@ -86,19 +98,22 @@ async fn malformed_frames_close_with_protocol_violation() {
 #[tokio::test]
 async fn bad_tokens_close_with_unauthenticated() {
     let (daemon, alice) = start().await;
-    for token in ["", "quip_00", "not a token", &"x".repeat(100_000)] {
+    // A token too long to be one is refused like any other; one too long for a Hello frame is
+    // refused from the frame's length.
+    for (token, expected) in [
+        (String::new(), ErrorCode::UNAUTHENTICATED),
+        ("quip_00".into(), ErrorCode::UNAUTHENTICATED),
+        ("not a token".into(), ErrorCode::UNAUTHENTICATED),
+        ("x".repeat(3_000), ErrorCode::UNAUTHENTICATED),
+        ("x".repeat(100_000), ErrorCode::FRAME_TOO_LARGE),
+    ] {
         let hello = frame(&ClientFrame::Hello {
-            token: token.to_owned(),
+            token: token.clone(),
             client: "hostile".into(),
             revision: quip_protocol::REVISION,
         });
         let closed = daemon.close_code_after(&hello).await;
-        assert_eq!(
-            closed,
-            code(ErrorCode::UNAUTHENTICATED),
-            "token of {} bytes",
-            token.len()
-        );
+        assert_eq!(closed, code(expected), "token of {} bytes", token.len());
     }
     daemon.still_serves(&alice).await;
     daemon.stop().await;
