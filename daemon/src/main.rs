@@ -653,7 +653,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         tokio::spawn(watchdog(server.store(), interval));
     }
     let store = server.store();
-    server
+    let stopped = server
         .run(async {
             tokio::select! {
                 () = shutdown_signal() => {}
@@ -670,7 +670,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
              message is durable, and the next start recovers the store"
         );
     }
-    Ok(())
+    stopped.context("every acknowledged message is durable, and the next start recovers the store")
 }
 
 /// A write past the file size limit (`RLIMIT_FSIZE`, e.g. `LimitFSIZE=` in a unit or

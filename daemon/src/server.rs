@@ -335,8 +335,10 @@ impl Server {
     /// Serves until `shutdown` resolves, then shuts down gracefully within the configured
     /// bound: refuses new connections, lets every session answer the requests it already
     /// handed to a sequencer, tells clients it is going away (`GOING_AWAY`), and returns once
-    /// everything the store was given is durable.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    /// everything the store was given is durable. The final store flush has a bound of its
+    /// own, as long again; an error says it failed or did not finish (every acknowledged
+    /// message is durable regardless: the next start replays it from the store's log).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (stop, stopping) = watch::channel(false);
         let admin = tokio::spawn(admin::serve(self.admin, self.shared.clone()));
         let addr = self.endpoint.local_addr().ok();
@@ -403,12 +405,27 @@ impl Server {
         // nothing more (not even a final checkpoint): what is durable is what a restart finds.
         if self.shared.store.has_failed() {
             tracing::error!("the store failed a write; stopped without writing more");
-            return;
+            return Ok(());
         }
-        match tokio::time::timeout_at(deadline, self.shared.store.sync()).await {
-            Ok(Ok(())) => tracing::info!("store flushed; stopped"),
-            Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
-            Err(_) => tracing::error!("shutdown timeout: the final store flush did not finish"),
+        // Its own deadline: connections that used up the shutdown timeout must not cost the
+        // store its final flush.
+        let flushed = tokio::time::timeout(self.shutdown_timeout, self.shared.store.sync()).await;
+        match flushed {
+            Ok(Ok(())) => {
+                tracing::info!("store flushed; stopped");
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "final store flush failed");
+                Err(anyhow::anyhow!("the final store flush failed: {e}"))
+            }
+            Err(_) => {
+                tracing::error!("shutdown timeout: the final store flush did not finish");
+                Err(anyhow::anyhow!(
+                    "the final store flush did not finish within {:?}",
+                    self.shutdown_timeout
+                ))
+            }
         }
     }
 }

@@ -50,7 +50,7 @@ impl std::fmt::Debug for Setup {
 #[derive(Debug)]
 struct Running {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl TestServer {
@@ -195,7 +195,8 @@ impl TestServer {
             task,
         )
         .await
-        .expect("the server task panicked");
+        .expect("the server task panicked")
+        .expect("the server stopped cleanly");
     }
 
     /// The temporary directory that holds `data/`.

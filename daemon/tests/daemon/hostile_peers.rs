@@ -193,7 +193,6 @@ async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
     use crate::harness::process::{add_user, config_file, Quipd};
     use crate::harness::quic;
     use quip_protocol::{ConversationId, REVISION};
-    use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -209,20 +208,7 @@ async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
     let pid = daemon.child.0.id();
     let before = rss_kib(pid);
 
-    let mut transport = quinn::TransportConfig::default();
-    transport.stream_receive_window(1024u32.into());
-    transport.receive_window(2048u32.into());
-    let tls = quic::tls_config(&data.join("certs/ca.pem"), quip_protocol::ALPN, None);
-    let mut config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    config.transport_config(Arc::new(transport));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(config, daemon.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = quic::connect_narrow(daemon.addr, &data.join("certs/ca.pem"), 1024, 2048, 100).await;
     let (mut send, _unread) = conn.open_bi().await.unwrap();
     let mut bytes = frame(&ClientFrame::Hello {
         token: token.clone(),

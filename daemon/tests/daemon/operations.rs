@@ -921,7 +921,7 @@ fn the_systemd_unit_verifies_and_is_hardened() {
 async fn unsubscribing_ends_a_delivery_still_waiting_for_a_stream() {
     use quip_protocol::limits::MAX_FRAME_LEN;
     use quip_protocol::{
-        encode_frame, ClientFrame, FrameDecoder, Request, RequestId, ServerFrame, ALPN, REVISION,
+        encode_frame, ClientFrame, FrameDecoder, Request, RequestId, ServerFrame, REVISION,
     };
 
     let dir = tempfile::tempdir().unwrap();
@@ -938,19 +938,8 @@ async fn unsubscribing_ends_a_delivery_still_waiting_for_a_stream() {
     let conv = alice.create_conversation("churn", &[]).await.unwrap();
 
     // A raw connection that allows the server no unidirectional stream.
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_uni_streams(0u32.into());
-    let tls = crate::harness::quic::tls_config(&data.join("certs/ca.pem"), ALPN, None);
-    let mut client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    client.transport_config(Arc::new(transport));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(client, daemon.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let ca = data.join("certs/ca.pem");
+    let conn = crate::harness::quic::connect_narrow(daemon.addr, &ca, 1 << 20, 1 << 22, 0).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     const PAIRS: u64 = 500;
     let frame = |frame: &ClientFrame| encode_frame(frame, MAX_FRAME_LEN).unwrap();
@@ -1011,4 +1000,58 @@ async fn unsubscribing_ends_a_delivery_still_waiting_for_a_stream() {
     let _feed = alice.subscribe(conv, StartAt::Beginning).await.unwrap();
     assert_eq!(scrape(metrics_addr).await["quipd_deliveries"], 1.0);
     conn.close(0u32.into(), b"");
+}
+
+/// A client that reads nothing keeps its session from finishing, so the drain of a SIGTERM
+/// uses up `shutdown_timeout_ms`; the final store flush has a bound of its own and still runs,
+/// and the exit status says it did.
+#[tokio::test]
+async fn a_stuck_client_does_not_cost_the_store_its_final_flush() {
+    use quip_protocol::{encode_frame, ClientFrame, Request, RequestId, REVISION};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = config_file(dir.path(), &data, "shutdown_timeout_ms = 1000");
+    let daemon = Quipd::start(&config, &data, &[], &[]);
+    let token = add_user(&data, "alice");
+    let alice = daemon.connect(&token).await;
+    let conv = alice.create_conversation("stuck", &[]).await.unwrap();
+    let text = "x".repeat(60_000);
+    for _ in 0..40 {
+        alice.send(conv, text.clone()).await.unwrap();
+    }
+
+    let ca = data.join("certs/ca.pem");
+    let stuck = crate::harness::quic::connect_narrow(daemon.addr, &ca, 1024, 2048, 100).await;
+    let (mut send, _unread) = stuck.open_bi().await.unwrap();
+    let frame = |frame: &ClientFrame| encode_frame(frame, u32::MAX).unwrap();
+    let mut bytes = frame(&ClientFrame::Hello {
+        token,
+        client: "reads nothing".into(),
+        revision: REVISION,
+    });
+    for id in 1..=64 {
+        bytes.extend(frame(&ClientFrame::Request {
+            id: RequestId(id),
+            request: Request::History {
+                conv,
+                before: None,
+                limit: 1000,
+            },
+        }));
+    }
+    send.write_all(&bytes).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    drop(alice);
+    let Quipd { child, logs, .. } = daemon;
+    let (status, _) = child.terminate();
+    let logs: Vec<String> = logs.iter().collect();
+    let logged = |text: &str| logs.iter().any(|line| line.contains(text));
+    assert!(
+        logged("shutdown timeout: closing the remaining connections"),
+        "the stuck session did not hold up the drain: {logs:#?}"
+    );
+    assert!(logged("store flushed; stopped"), "{logs:#?}");
+    assert!(status.success(), "{status}");
 }

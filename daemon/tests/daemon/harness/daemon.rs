@@ -21,7 +21,7 @@ pub struct Daemon {
     pub ephemeral: Arc<EphemeralStats>,
     pub store: Store,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// Declared last, so that the directory goes after the store handle above.
     pub data: tempfile::TempDir,
 }
@@ -92,6 +92,7 @@ impl Daemon {
         tokio::time::timeout(WAIT, self.task)
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .expect("a clean stop");
     }
 }

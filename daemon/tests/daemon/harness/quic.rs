@@ -61,3 +61,28 @@ pub async fn close_code(conn: &quinn::Connection) -> u64 {
         other => panic!("expected an application close, got {other}"),
     }
 }
+
+/// A connection to `addr` whose receive windows are `stream_window` per stream and
+/// `window` in all, and that allows the server `uni_streams` streams of its own: a client
+/// that reads little or nothing, seen from the server.
+pub async fn connect_narrow(
+    addr: SocketAddr,
+    ca: &Path,
+    stream_window: u32,
+    window: u32,
+    uni_streams: u32,
+) -> quinn::Connection {
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(stream_window.into());
+    transport.receive_window(window.into());
+    transport.max_concurrent_uni_streams(uni_streams.into());
+    let tls = tls_config(ca, quip_protocol::ALPN, None);
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    config.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(config, addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap()
+}
