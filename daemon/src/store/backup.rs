@@ -42,7 +42,10 @@ use sha2::{Digest, Sha256};
 
 use super::backend::{self, Backend, BackendKind, Order};
 use super::texts::{TextLog, TextRef};
-use super::{decode, keys, StoreError, StoredEvent, WriteBatch, READABLE_SCHEMAS, SCHEMA_VERSION};
+use super::{
+    check_record, decode, keys, StoreError, StoredEvent, WriteBatch, READABLE_SCHEMAS,
+    SCHEMA_VERSION,
+};
 
 const MAGIC: &[u8; 8] = b"QUIPBAK\x01";
 const RECORD: u8 = 0x01;
@@ -481,8 +484,11 @@ pub fn restore(
             store_dir.display()
         )));
     }
+    // Every record is read and decoded before anything is written: a damaged file (even one
+    // whose checksum was made to match) leaves no half-restored store behind.
     let mut gaps = Gaps::default();
-    read_backup(backup, |key, _| {
+    read_backup(backup, |key, value| {
+        check_record(&key, &value)?;
         if key.first() == Some(&keys::CONVSEQ_EVENT) {
             gaps.check(&key)?;
         }
@@ -663,5 +669,37 @@ mod tests {
         backup_of(&file, &[event(1, 4), event(1, 5), event(2, 1)]);
         let summary = restore(&file, &store, BackendKind::Sled).unwrap();
         assert_eq!(summary.events, 3);
+    }
+
+    /// A record that does not decode as its table's type is refused before anything is
+    /// written, wherever it is in the file and whatever its table, even when the file's
+    /// checksum was made to match it.
+    #[test]
+    fn a_backup_with_a_damaged_record_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("damaged.bak");
+        let garbage = vec![0xff, 0xff, 0xff];
+        let hash = [7u8; 32];
+        for damaged in [
+            keys::event(ConversationId(1), Seq(3)).to_vec(),
+            keys::conversation(ConversationId(1)).to_vec(),
+            keys::user(&"alice".parse().unwrap()).to_vec(),
+            keys::token(&hash).to_vec(),
+            keys::device(&hash).to_vec(),
+            keys::message_state(ConversationId(1), Seq(1)).to_vec(),
+            keys::receipt(ConversationId(1), &"alice".parse().unwrap()).to_vec(),
+        ] {
+            let store = dir.path().join(format!("store-{:02x}", damaged[0]));
+            let mut records = vec![event(1, 1), event(1, 2)];
+            records.push((damaged.clone(), garbage.clone()));
+            records.sort();
+            backup_of(&file, &records);
+            let err = restore(&file, &store, BackendKind::Sled).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("table 0x{:02x}", damaged[0])),
+                "{err}"
+            );
+            assert!(!store.exists(), "a refused backup wrote {}", store.display());
+        }
     }
 }

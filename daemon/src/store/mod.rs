@@ -1052,6 +1052,29 @@ fn head(backend: &dyn Backend, conv: ConversationId) -> Result<Seq, StoreError> 
         .unwrap_or(Seq::ZERO))
 }
 
+/// Decodes `value` as the record its key's table holds (see `keys`), to refuse a damaged
+/// record before anything is written: a restore checks every record of a backup this way.
+/// `meta` entries are the restore's to remake or copy by name.
+fn check_record(key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    fn check<T: DeserializeOwned>(value: &[u8]) -> Result<(), StoreError> {
+        decode::<T>(value).map(drop)
+    }
+    let table = key.first().copied().unwrap_or_default();
+    let checked = match table {
+        keys::CONVSEQ_EVENT => check::<StoredEvent>(value),
+        keys::CONV_STATE => check::<ConversationRecord>(value),
+        keys::USER_RECORD => check::<UserRecord>(value),
+        keys::TOKENHASH_USER => check::<TokenRecord>(value),
+        keys::CREDENTIAL_DEVICE => check::<DeviceRecord>(value),
+        keys::CONVUSER_RECEIPT => check::<ReceiptRecord>(value),
+        keys::CONVSEQ_STATE => check::<MessageRecord>(value),
+        keys::CONVSEQ_TEXT => check::<TextRef>(value),
+        keys::CONVMSGID_SEQ | keys::CREDENTIAL_LASTUSED | keys::USER_REMOVED => check::<u64>(value),
+        _ => Ok(()),
+    };
+    checked.map_err(|e| StoreError::Corrupt(format!("a record of table 0x{table:02x}: {e}")))
+}
+
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
