@@ -271,7 +271,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("quipd: {e:#}");
+            // Not `eprintln!`: a closed standard error is no reason to panic.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "quipd: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -220,7 +220,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("quip: {}", Shown(&e.to_string()));
+            // Not `eprintln!`: with both outputs on one closed pipe (`quip ... 2>&1 | head`)
+            // the error itself cannot be written, which is no reason to panic.
+            let _ = writeln!(std::io::stderr(), "quip: {}", Shown(&e.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -696,10 +696,15 @@ mod tests {
             backup_of(&file, &records);
             let err = restore(&file, &store, BackendKind::Sled).unwrap_err();
             assert!(
-                err.to_string().contains(&format!("table 0x{:02x}", damaged[0])),
+                err.to_string()
+                    .contains(&format!("table 0x{:02x}", damaged[0])),
                 "{err}"
             );
-            assert!(!store.exists(), "a refused backup wrote {}", store.display());
+            assert!(
+                !store.exists(),
+                "a refused backup wrote {}",
+                store.display()
+            );
         }
     }
 }

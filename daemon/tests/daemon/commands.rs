@@ -383,6 +383,21 @@ fn output_to_a_closed_pipe_is_an_error_not_a_panic() {
             err.contains("writing output") && !err.contains("panicked"),
             "quipd {args:?}: {err}"
         );
+
+        // Both outputs on the closed pipe (`quipd ... 2>&1 | head`): the error cannot be
+        // written either, and that is still exit status 1, not a panic's 101.
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        drop(reader);
+        let status = command(&args)
+            .stdout(Stdio::from(writer.try_clone().unwrap()))
+            .stderr(Stdio::from(writer))
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "quipd {args:?} 2>&1 into a closed pipe"
+        );
     }
 }
 

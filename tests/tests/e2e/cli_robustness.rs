@@ -606,3 +606,27 @@ async fn connection_mistakes_name_the_fix() {
         );
     }
 }
+
+/// `quip ... 2>&1 | head` where the pipe is already closed: the error cannot be written, and
+/// that is exit status 1, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_into_a_closed_pipe_is_exit_status_1() {
+    let (reader, writer) = rustix::pipe::pipe().expect("a pipe");
+    drop(reader);
+    let status = std::process::Command::new(&Binaries::get().await.quip)
+        .args([
+            "--ca",
+            "/nonexistent/ca.pem",
+            "--token",
+            "quip_x",
+            "conv",
+            "list",
+        ])
+        .env_remove("QUIP_SERVER")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer.try_clone().expect("a second end")))
+        .stderr(Stdio::from(writer))
+        .status()
+        .expect("running quip");
+    assert_eq!(status.code(), Some(1));
+}
