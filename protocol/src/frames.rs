@@ -646,8 +646,9 @@ fn check_text(text: &str) -> Result<(), ErrorBody> {
     Ok(())
 }
 
-/// A reaction is 1 to `MAX_EMOJI_LEN` bytes with no whitespace or control character: meant for
-/// one emoji (its grapheme cluster may take several code points), not for text.
+/// A reaction is 1 to `MAX_EMOJI_LEN` bytes with no whitespace, control or invisible format
+/// character: meant for one emoji (its grapheme cluster may take several code points), not for
+/// text, and never for something that shows as nothing or reorders what is around it.
 fn check_emoji(emoji: &str) -> Result<(), ErrorBody> {
     if emoji.is_empty() || emoji.len() > limits::MAX_EMOJI_LEN {
         return Err(invalid(format!(
@@ -661,5 +662,40 @@ fn check_emoji(emoji: &str) -> Result<(), ErrorBody> {
             "a reaction holds no whitespace or control character",
         ));
     }
+    if emoji.chars().any(is_invisible_format) {
+        return Err(invalid(
+            "a reaction holds no invisible or direction-changing character",
+        ));
+    }
     Ok(())
+}
+
+/// Unicode's format characters (general category Cf) that emoji do not use: zero-width spaces,
+/// direction marks and overrides, the soft hyphen, the byte order mark and the like. Emoji
+/// sequences keep theirs: the zero-width joiner (families, professions) and the tag characters
+/// (subdivision flags).
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{AD}'
+        | '\u{600}'..='\u{605}'
+        | '\u{61C}'
+        | '\u{6DD}'
+        | '\u{70F}'
+        | '\u{890}'..='\u{891}'
+        | '\u{8E2}'
+        | '\u{180E}'
+        | '\u{200B}'..='\u{200C}'
+        | '\u{200E}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}'
+        | '\u{FEFF}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{110BD}'
+        | '\u{110CD}'
+        | '\u{13430}'..='\u{1343F}'
+        | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0001}'
+    )
 }

@@ -1974,10 +1974,20 @@ fn reactions_are_one_emoji_not_text() {
     };
     assert_eq!(react("👍").validate(), Ok(()));
     assert_eq!(react("👨‍👩‍👧‍👦").validate(), Ok(()));
+    // A subdivision flag: black flag, tag letters, cancel tag.
+    assert_eq!(
+        react("\u{1F3F4}\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}").validate(),
+        Ok(())
+    );
     for bad in [
         "",
         "a b",
         "\n",
+        "\u{202E}",
+        "\u{202E}ab",
+        "a\u{200B}b",
+        "\u{FEFF}👍",
+        "👍\u{2066}",
         &"x".repeat(quip_protocol::limits::MAX_EMOJI_LEN + 1),
     ] {
         assert_refused(&react(bad), ErrorCode::INVALID_REQUEST);
