@@ -99,6 +99,22 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// A scenario's parameters as `name=value` words (JSON is for `--json`).
+fn shown_params(params: &serde_json::Value) -> String {
+    match params {
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(name, value)| match value {
+                serde_json::Value::String(s) => format!("{name}={s}"),
+                other => format!("{name}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
 impl Report {
     /// The human summary.
     pub fn table(&self) -> String {
@@ -106,7 +122,10 @@ impl Report {
         let mut row = |k: &str, v: String| {
             let _ = writeln!(t, "  {k:<28} {v}");
         };
-        row("scenario", format!("{} {}", self.scenario, self.params));
+        row(
+            "scenario",
+            format!("{} {}", self.scenario, shown_params(&self.params)),
+        );
         row(
             "server",
             match &self.store {
@@ -139,6 +158,8 @@ impl Report {
                 serde_json::Value::Number(n) if n.is_f64() => {
                     format!("{:.2}", n.as_f64().unwrap_or_default())
                 }
+                serde_json::Value::Null => "none".into(),
+                serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
             row(name, shown);
