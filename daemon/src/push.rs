@@ -460,7 +460,14 @@ impl Caller {
                     .kill_on_drop(true)
                     .spawn()?;
                 if let Some(mut stdin) = child.stdin.take() {
-                    stdin.write_all(&body).await?;
+                    // The exit status decides: a hook that needs no input may exit before it
+                    // reads the batch, which closes the pipe under this write.
+                    match stdin.write_all(&body).await {
+                        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                            return Err(e.into())
+                        }
+                        _ => {}
+                    }
                 }
                 let status = child.wait().await?;
                 anyhow::ensure!(status.success(), "the hook command exited with {status}");
@@ -520,6 +527,29 @@ mod tests {
 
     fn bob() -> UserName {
         "bob".parse().unwrap()
+    }
+
+    /// A command's exit status is its answer, whether or not it read the batch: one that
+    /// exits 0 without reading took it, one that reads it and fails did not.
+    #[tokio::test]
+    async fn a_command_hook_is_judged_by_its_exit_status() {
+        let caller = |script: &str| Caller {
+            hook: Hook::Command {
+                program: "sh".into(),
+                args: vec!["-c".into(), script.into()],
+            },
+            timeout: Duration::from_secs(10),
+            http: None,
+        };
+        // More than a pipe holds, so the write outlives a hook that does not read.
+        let body = vec![b' '; 1 << 20];
+        assert!(caller("exit 0").deliver(body.clone()).await.is_ok());
+        assert!(caller("cat >/dev/null").deliver(body.clone()).await.is_ok());
+        assert!(caller("exit 3").deliver(body.clone()).await.is_err());
+        assert!(caller("cat >/dev/null; exit 1")
+            .deliver(body)
+            .await
+            .is_err());
     }
 
     #[test]
