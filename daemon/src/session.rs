@@ -31,10 +31,13 @@ use crate::wire::push_frame;
 const MAX_PENDING_REQUESTS: usize = 1024;
 /// Frames queued for the control stream's writer.
 const OUTGOING_QUEUE: usize = 256;
-/// Bytes of encoded frames queued for the control stream's writer. Counting frames alone let a
+/// Bytes of large frames queued for the control stream's writer. Counting frames alone let a
 /// client that stops reading hold 256 history pages of up to a frame each (a quarter of a GiB)
 /// in the server; past this budget the session stops taking answers out of its requests.
 const OUTGOING_BYTES: usize = 2 * 1024 * 1024;
+/// Frames up to this size (acks, errors: nearly all) are bounded by the queue's length alone,
+/// at most `OUTGOING_QUEUE` times this; larger ones also take their size from the budget.
+const SMALL_FRAME: usize = 16 * 1024;
 /// How long the last frames of a closing session may take to reach the client.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest chunk read from the control stream at once.
@@ -314,17 +317,16 @@ impl ControlReader {
     }
 }
 
-/// An encoded frame on its way to the control stream, holding its share of the byte budget
-/// until the writer takes it.
-type Outgoing = (Vec<u8>, tokio::sync::OwnedSemaphorePermit);
+/// A frame on its way to the control stream; a large one holds its share of the byte budget
+/// until the writer has encoded it.
+type Outgoing = (ServerFrame, Option<tokio::sync::OwnedSemaphorePermit>);
 
 /// The control stream: a reader, and a writer task that batches queued frames into few writes.
 struct Control {
     reader: ControlReader,
     outgoing: mpsc::Sender<Outgoing>,
-    /// [`OUTGOING_BYTES`] of permits, one per queued byte.
+    /// [`OUTGOING_BYTES`] of permits, one per queued byte of a large frame.
     budget: Arc<tokio::sync::Semaphore>,
-    max_frame_len: u32,
     writer: tokio::task::JoinHandle<()>,
 }
 
@@ -333,13 +335,13 @@ impl Control {
         let (outgoing, mut queue) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
-            // A frame's budget is released once it is in `buf`: from there quinn's send window
-            // bounds what waits for the client.
+            // A frame's budget is released once it is encoded into `buf`: from there quinn's
+            // send window bounds what waits for the client.
             while let Some((frame, _budget)) = queue.recv().await {
-                buf.extend_from_slice(&frame);
+                push_server_frame(&mut buf, frame, max_frame_len);
                 while buf.len() < 64 * 1024 {
                     match queue.try_recv() {
-                        Ok((frame, _budget)) => buf.extend_from_slice(&frame),
+                        Ok((frame, _budget)) => push_server_frame(&mut buf, frame, max_frame_len),
                         Err(_) => break,
                     }
                 }
@@ -358,7 +360,6 @@ impl Control {
             reader,
             outgoing,
             budget: Arc::new(tokio::sync::Semaphore::new(OUTGOING_BYTES)),
-            max_frame_len,
             writer,
         }
     }
@@ -373,15 +374,19 @@ impl Control {
         if let ServerFrame::Error { error, .. } = &frame {
             crate::metrics::request_error(error.code);
         }
-        let mut bytes = Vec::new();
-        push_server_frame(&mut bytes, frame, self.max_frame_len);
-        // A frame larger than the whole budget waits until nothing else is queued.
-        let share = bytes.len().clamp(1, OUTGOING_BYTES) as u32;
-        let Ok(budget) = self.budget.clone().acquire_many_owned(share).await else {
-            return;
+        let size = postcard::experimental::serialized_size(&frame).unwrap_or(OUTGOING_BYTES);
+        let budget = if size <= SMALL_FRAME {
+            None
+        } else {
+            // A frame larger than the whole budget waits until nothing else is queued.
+            let share = size.min(OUTGOING_BYTES) as u32;
+            match self.budget.clone().acquire_many_owned(share).await {
+                Ok(permit) => Some(permit),
+                Err(_) => return,
+            }
         };
         // Fails only when the writer stopped because the stream is gone; the session ends too.
-        let _ = self.outgoing.send((bytes, budget)).await;
+        let _ = self.outgoing.send((frame, budget)).await;
     }
 }
 
