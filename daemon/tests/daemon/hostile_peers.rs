@@ -192,7 +192,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
     use crate::harness::process::{add_user, config_file, Quipd};
     use crate::harness::quic;
-    use quip_protocol::{ConversationId, REVISION};
+    use quip_protocol::ConversationId;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -208,24 +208,8 @@ async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
     let pid = daemon.child.0.id();
     let before = rss_kib(pid);
 
-    let conn = quic::connect_narrow(daemon.addr, &data.join("certs/ca.pem"), 1024, 2048, 100).await;
-    let (mut send, _unread) = conn.open_bi().await.unwrap();
-    let mut bytes = frame(&ClientFrame::Hello {
-        token: token.clone(),
-        client: "reads nothing".into(),
-        revision: REVISION,
-    });
-    for id in 1..=1024 {
-        bytes.extend(frame(&ClientFrame::Request {
-            id: RequestId(id),
-            request: Request::History {
-                conv,
-                before: None,
-                limit: 1000,
-            },
-        }));
-    }
-    send.write_all(&bytes).await.unwrap();
+    let ca = data.join("certs/ca.pem");
+    let conn = quic::stuck_reader(daemon.addr, &ca, &token, conv, 1024).await;
 
     // Watch the daemon while it serves what it can.
     let mut peak = before;

@@ -1007,8 +1007,6 @@ async fn unsubscribing_ends_a_delivery_still_waiting_for_a_stream() {
 /// and the exit status says it did.
 #[tokio::test]
 async fn a_stuck_client_does_not_cost_the_store_its_final_flush() {
-    use quip_protocol::{encode_frame, ClientFrame, Request, RequestId, REVISION};
-
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = config_file(dir.path(), &data, "shutdown_timeout_ms = 1000");
@@ -1022,25 +1020,7 @@ async fn a_stuck_client_does_not_cost_the_store_its_final_flush() {
     }
 
     let ca = data.join("certs/ca.pem");
-    let stuck = crate::harness::quic::connect_narrow(daemon.addr, &ca, 1024, 2048, 100).await;
-    let (mut send, _unread) = stuck.open_bi().await.unwrap();
-    let frame = |frame: &ClientFrame| encode_frame(frame, u32::MAX).unwrap();
-    let mut bytes = frame(&ClientFrame::Hello {
-        token,
-        client: "reads nothing".into(),
-        revision: REVISION,
-    });
-    for id in 1..=64 {
-        bytes.extend(frame(&ClientFrame::Request {
-            id: RequestId(id),
-            request: Request::History {
-                conv,
-                before: None,
-                limit: 1000,
-            },
-        }));
-    }
-    send.write_all(&bytes).await.unwrap();
+    let _stuck = crate::harness::quic::stuck_reader(daemon.addr, &ca, &token, conv, 64).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     drop(alice);

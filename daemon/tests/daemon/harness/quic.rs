@@ -86,3 +86,35 @@ pub async fn connect_narrow(
         .await
         .unwrap()
 }
+
+/// A client that asks for a lot and reads nothing: a connection that accepts 1 KiB of answers,
+/// on which `Hello` (as `token`) and `requests` History requests for the newest 1000 events of
+/// `conv` are written. Keep it open for as long as the client is to stay stuck.
+pub async fn stuck_reader(
+    addr: SocketAddr,
+    ca: &Path,
+    token: &str,
+    conv: quip_protocol::ConversationId,
+    requests: u64,
+) -> quinn::Connection {
+    use quip_protocol::{ClientFrame, Request, RequestId, REVISION};
+    let conn = connect_narrow(addr, ca, 1024, 2048, 100).await;
+    let (mut send, _unread) = conn.open_bi().await.unwrap();
+    let mut bytes = super::frame(&ClientFrame::Hello {
+        token: token.to_owned(),
+        client: "reads nothing".into(),
+        revision: REVISION,
+    });
+    for id in 1..=requests {
+        bytes.extend(super::frame(&ClientFrame::Request {
+            id: RequestId(id),
+            request: Request::History {
+                conv,
+                before: None,
+                limit: 1000,
+            },
+        }));
+    }
+    send.write_all(&bytes).await.unwrap();
+    conn
+}
