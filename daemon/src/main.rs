@@ -731,9 +731,9 @@ async fn shutdown_signal() {
 }
 
 /// "1 connection", "2 connections".
-fn counted(n: impl std::fmt::Display, noun: &str) -> String {
-    match n.to_string().as_str() {
-        "1" => format!("1 {noun}"),
+fn counted(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
         n => format!("{n} {noun}s"),
     }
 }

@@ -37,3 +37,18 @@ pub fn code(c: ErrorCode) -> u64 {
 pub fn name(s: &str) -> UserName {
     s.parse().unwrap()
 }
+
+/// A new conversation of `client`'s alone, holding `messages` messages of `text_len` bytes:
+/// history pages of about a frame each, for tests of what large answers cost.
+pub async fn large_conversation(
+    client: &quip_client::Client,
+    messages: usize,
+    text_len: usize,
+) -> quip_protocol::ConversationId {
+    let conv = client.create_conversation("large", &[]).await.unwrap();
+    let text = "x".repeat(text_len);
+    for _ in 0..messages {
+        client.send(conv, text.clone()).await.unwrap();
+    }
+    conv
+}

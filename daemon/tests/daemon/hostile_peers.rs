@@ -192,7 +192,6 @@ fn rss_kib(pid: u32) -> u64 {
 async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
     use crate::harness::process::{add_user, config_file, Quipd};
     use crate::harness::quic;
-    use quip_protocol::ConversationId;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -200,11 +199,7 @@ async fn a_client_that_reads_nothing_holds_little_memory_in_the_daemon() {
     let daemon = Quipd::start(&config, &data, &[], &[]);
     let token = add_user(&data, "alice");
     let client = daemon.connect(&token).await;
-    let conv: ConversationId = client.create_conversation("big", &[]).await.unwrap();
-    let text = "x".repeat(64 * 1024);
-    for _ in 0..20 {
-        client.send(conv, text.clone()).await.unwrap();
-    }
+    let conv = crate::harness::large_conversation(&client, 20, 64 * 1024).await;
     let pid = daemon.child.0.id();
     let before = rss_kib(pid);
 

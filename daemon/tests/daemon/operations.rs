@@ -1013,11 +1013,7 @@ async fn a_stuck_client_does_not_cost_the_store_its_final_flush() {
     let daemon = Quipd::start(&config, &data, &[], &[]);
     let token = add_user(&data, "alice");
     let alice = daemon.connect(&token).await;
-    let conv = alice.create_conversation("stuck", &[]).await.unwrap();
-    let text = "x".repeat(60_000);
-    for _ in 0..40 {
-        alice.send(conv, text.clone()).await.unwrap();
-    }
+    let conv = crate::harness::large_conversation(&alice, 40, 60_000).await;
 
     let ca = data.join("certs/ca.pem");
     let _stuck = crate::harness::quic::stuck_reader(daemon.addr, &ca, &token, conv, 64).await;
